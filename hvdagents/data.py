@@ -1,0 +1,63 @@
+"""Data sharding: which contiguous slice of a data set belongs to which rank."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence, TypeVar, overload
+
+__all__ = ["shard", "shard_bounds"]
+
+T = TypeVar("T")
+
+
+def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
+    """Return ``(start, stop)`` of rank ``rank``'s contiguous slice of ``n`` items.
+
+    Every rank gets ``n // size`` items and the first ``n % size`` ranks one more, so
+    the slices tile ``range(n)`` exactly once, in rank order, on every rank alike.
+    Pure arithmetic: no communication.
+    """
+    if n < 0:
+        raise ValueError(f"shard: the number of items must be >= 0; got {n}")
+    if size < 1:
+        raise ValueError(f"shard: size must be >= 1; got {size}")
+    if not 0 <= rank < size:
+        raise ValueError(f"shard: rank must be in [0, {size}); got {rank}")
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+@overload
+def shard(data: int, *, rank: int | None = ..., size: int | None = ...) -> range: ...
+@overload
+def shard(data: Sequence[T], *, rank: int | None = ..., size: int | None = ...) -> Sequence[T]: ...
+
+
+def shard(data: Any, *, rank: int | None = None, size: int | None = None) -> Any:
+    """This rank's contiguous slice of ``data``.
+
+    ``data`` is an item count (returns a ``range`` of indices), a NumPy array (a view
+    along the first axis) or any sliceable sequence. ``rank``/``size`` default to the
+    running job's (``hva.init()`` is called if needed). Local: no communication; the
+    same rule on every rank (see :func:`shard_bounds`), so ``shard(x)`` and ``shard(y)``
+    stay aligned.
+    """
+    if rank is None or size is None:
+        from .runtime import init
+
+        ctx = init()
+        rank = ctx.rank if rank is None else rank
+        size = ctx.size if size is None else size
+    if isinstance(data, bool):
+        raise TypeError("shard: expected an item count, an array or a sequence; got a bool")
+    if isinstance(data, int):
+        start, stop = shard_bounds(data, rank, size)
+        return range(start, stop)
+    try:
+        n = len(data)
+    except TypeError:
+        raise TypeError(
+            f"shard: expected an item count, an array or a sequence; got {type(data).__name__}"
+        ) from None
+    start, stop = shard_bounds(n, rank, size)
+    return data[start:stop]

@@ -1,0 +1,1 @@
+"""The compute layer: one adapter per framework (PyTorch, Keras 3 on TensorFlow)."""

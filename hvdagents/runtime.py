@@ -1,0 +1,278 @@
+"""Bring-up of an agent process: MPI, identity, launcher checks, Horovod bindings, abort.
+
+``init()`` initialises MPI through mpi4py (which asks for ``MPI_THREAD_MULTIPLE``, as
+Horovod needs), works out who we are and how we were launched, and installs the
+abort-on-error hook. Horovod bindings are initialised lazily, per framework, by
+:func:`horovod_binding` when the first agent of that framework is made: ``horovod.torch``
+and ``horovod.tensorflow`` keep separate state and each needs its own ``init``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Mapping
+
+from .errors import LauncherError, ThreadLevelError
+
+__all__ = [
+    "Context",
+    "init",
+    "context",
+    "is_initialized",
+    "detect_launcher",
+    "check_launch",
+    "horovod_binding",
+    "abort",
+]
+
+#: Horovod framework bindings by the name agents use.
+_BINDINGS = {"torch": "horovod.torch", "tensorflow": "horovod.tensorflow"}
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who this process is in the job. Returned by :func:`init`; read-only.
+
+    ``rank``/``size`` are the job's (MPI's, or Horovod's under a ``horovodrun --gloo``
+    launch, where MPI sees a world of one); ``local_rank``/``local_size`` count the
+    processes on this node. ``launcher`` is one of ``"mpirun"``, ``"srun"``,
+    ``"horovodrun"``, ``"horovodrun-gloo"``, ``"mpiexec"`` or ``"python"`` (a world of one).
+    ``mpi_world`` is False only under a Gloo launch: there is no MPI world, so one-sided
+    (asynchronous) strategies cannot run.
+    """
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    launcher: str
+    mpi_world: bool
+    thread_level: str
+
+    @property
+    def is_root(self) -> bool:
+        """True on rank 0, the rank that prints, logs and writes checkpoints."""
+        return self.rank == 0
+
+    @property
+    def comm(self) -> Any:
+        """``MPI.COMM_WORLD`` (a world of one under a Gloo launch)."""
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD
+
+
+_lock = threading.Lock()
+_context: Context | None = None
+_bindings: dict[str, ModuleType] = {}
+
+
+def _int(env: Mapping[str, str], *names: str) -> int | None:
+    for name in names:
+        value = env.get(name)
+        if value not in (None, ""):
+            try:
+                return int(value)
+            except ValueError:
+                continue
+    return None
+
+
+def detect_launcher(env: Mapping[str, str]) -> str:
+    """Name the launcher that started this process, from its environment variables alone."""
+    if env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR") or env.get("HOROVOD_CONTROLLER") == "gloo":
+        return "horovodrun-gloo"
+    started_by_mpirun = "OMPI_MCA_orte_hnp_uri" in env or "OMPI_COMM_WORLD_SIZE" in env
+    if started_by_mpirun and "HOROVOD_HOSTNAME" in env:
+        return "horovodrun"  # horovodrun --mpi runs mpirun and exports HOROVOD_HOSTNAME
+    if started_by_mpirun:
+        return "mpirun"
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return "srun"
+    if "PMI_SIZE" in env or "PMI_RANK" in env:
+        return "mpiexec"
+    return "python"
+
+
+def check_launch(env: Mapping[str, str], mpi_size: int) -> None:
+    """Refuse the classic launch mistakes with an error that names the fix.
+
+    Pure: reads ``env`` and the MPI world size only.
+    """
+    step_tasks = _int(env, "SLURM_STEP_NUM_TASKS")
+    if mpi_size == 1 and step_tasks is not None and step_tasks > 1:
+        raise LauncherError(
+            f"SLURM started {step_tasks} tasks but MPI sees a world of one in each: every task "
+            "is running alone. Launch with 'srun --mpi=pmix ...' (or set "
+            "SLURM_MPI_TYPE=pmix), or use mpirun inside the allocation."
+        )
+    hvd_size = _int(env, "HOROVOD_SIZE")
+    if mpi_size == 1 and hvd_size is not None and hvd_size > 1:
+        if detect_launcher(env) != "horovodrun-gloo":
+            raise LauncherError(
+                f"Horovod's environment says {hvd_size} ranks but MPI sees a world of one. "
+                "Launch with 'horovodrun --mpi' or 'mpirun', or with 'horovodrun --gloo' "
+                "for synchronous strategies only."
+            )
+    elif mpi_size > 1 and hvd_size is not None and hvd_size != mpi_size:
+        raise LauncherError(
+            f"Horovod's environment says {hvd_size} ranks but MPI sees {mpi_size}: "
+            "the job was started by two launchers at once; use one."
+        )
+
+
+def _thread_level_name(level: int) -> str:
+    from mpi4py import MPI
+
+    names = {
+        MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE",
+        MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED",
+        MPI.THREAD_SERIALIZED: "MPI_THREAD_SERIALIZED",
+        MPI.THREAD_MULTIPLE: "MPI_THREAD_MULTIPLE",
+    }
+    return names.get(level, str(level))
+
+
+def init() -> Context:
+    """Initialise this process as an agent and return its :class:`Context`. Idempotent.
+
+    Collective on the first call (every rank must call it): MPI is initialised through
+    mpi4py at ``MPI_THREAD_MULTIPLE`` and a node-local communicator is split off to find
+    the local rank. Later calls return the same context without communicating.
+
+    Raises :class:`ThreadLevelError` when MPI grants less than ``MPI_THREAD_MULTIPLE``, and
+    :class:`LauncherError` for launches that cannot work (see :func:`check_launch`).
+    A rank that dies of an uncaught exception afterwards prints its traceback prefixed with
+    its rank and aborts the whole job (``MPI_Abort``).
+    """
+    global _context
+    with _lock:
+        if _context is not None:
+            return _context
+        import mpi4py
+
+        mpi4py.rc.thread_level = "multiple"
+        from mpi4py import MPI
+
+        provided = MPI.Query_thread()
+        if provided < MPI.THREAD_MULTIPLE:
+            raise ThreadLevelError(
+                f"MPI granted {_thread_level_name(provided)}; Horovod beside mpi4py needs "
+                "MPI_THREAD_MULTIPLE. Use an MPI built with thread support (Open MPI >= 3 is), "
+                "and do not initialise MPI before hvdagents with a lower level."
+            )
+        env = os.environ
+        world = MPI.COMM_WORLD
+        check_launch(env, world.Get_size())
+        launcher = detect_launcher(env)
+        if launcher == "horovodrun-gloo" and world.Get_size() == 1:
+            rank = _int(env, "HOROVOD_RANK") or 0
+            size = _int(env, "HOROVOD_SIZE") or 1
+            local_rank = _int(env, "HOROVOD_LOCAL_RANK") or 0
+            local_size = _int(env, "HOROVOD_LOCAL_SIZE") or 1
+            mpi_world = False
+        else:
+            rank, size = world.Get_rank(), world.Get_size()
+            local = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+            local_rank, local_size = local.Get_rank(), local.Get_size()
+            local.Free()
+            mpi_world = True
+        _context = Context(
+            rank=rank,
+            size=size,
+            local_rank=local_rank,
+            local_size=local_size,
+            launcher=launcher,
+            mpi_world=mpi_world,
+            thread_level=_thread_level_name(provided),
+        )
+        if size > 1:
+            _install_abort_hook(_context)
+        return _context
+
+
+def is_initialized() -> bool:
+    """Whether :func:`init` has run in this process."""
+    return _context is not None
+
+
+def context() -> Context:
+    """The context of this process (calls :func:`init` on first use)."""
+    return _context if _context is not None else init()
+
+
+def horovod_binding(framework: str) -> ModuleType:
+    """The Horovod binding for ``framework`` (``"torch"`` or ``"tensorflow"``), initialised.
+
+    Collective on its first call for a framework: every rank must make its first agent of
+    that framework at the same point. The binding is initialised on ``MPI.COMM_WORLD``
+    (on Horovod's own Gloo controller under ``horovodrun --gloo``) and the process is
+    pinned to its GPU by local rank when GPUs are visible.
+    """
+    if framework not in _BINDINGS:
+        raise ValueError(f"framework must be one of {sorted(_BINDINGS)}; got {framework!r}")
+    if framework in _bindings:
+        return _bindings[framework]
+    ctx = init()
+    from importlib import import_module
+
+    from . import devices
+
+    if framework == "torch":
+        devices.pin_torch_gpu(ctx.local_rank, ctx.local_size)
+    else:
+        devices.pin_tensorflow_gpu(ctx.local_rank, ctx.local_size)
+    hvd = import_module(_BINDINGS[framework])
+    if not hvd.is_initialized():
+        if ctx.mpi_world:
+            hvd.init(comm=ctx.comm)
+        else:
+            hvd.init()
+    if (hvd.rank(), hvd.size()) != (ctx.rank, ctx.size):
+        raise LauncherError(
+            f"{_BINDINGS[framework]} sees rank {hvd.rank()} of {hvd.size()} but MPI sees rank "
+            f"{ctx.rank} of {ctx.size}; initialise Horovod through hvdagents only."
+        )
+    _bindings[framework] = hvd
+    return hvd
+
+
+def abort(errorcode: int = 1) -> None:
+    """End the whole job now: ``MPI_Abort`` on ``COMM_WORLD`` (``os._exit`` without MPI)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ctx = _context
+    if ctx is not None and ctx.mpi_world and ctx.size > 1:
+        ctx.comm.Abort(errorcode)
+    os._exit(errorcode)
+
+
+def _install_abort_hook(ctx: Context) -> None:
+    """Make an uncaught exception on any rank (main or other thread) end the whole job.
+
+    The rank's traceback is printed with every line prefixed by ``[rank N]`` so it can be
+    told apart in the launcher's merged output, then the job is aborted: MPI collectives
+    never wait for a rank that is gone.
+    """
+    previous = sys.excepthook
+
+    def report_and_abort(exc_type, exc, tb) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            previous(exc_type, exc, tb)
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        prefix = f"[rank {ctx.rank}] "
+        sys.stderr.write("".join(prefix + line + "\n" for line in text.rstrip("\n").split("\n")))
+        abort(1)
+
+    def thread_report_and_abort(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        report_and_abort(args.exc_type, args.exc_value, args.exc_traceback)
+
+    sys.excepthook = report_and_abort
+    threading.excepthook = thread_report_and_abort

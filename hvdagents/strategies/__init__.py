@@ -1,0 +1,5 @@
+"""The sync layer: how agents agree on parameters (settings, runners, the RMA store)."""
+
+from .config import EASGD, Downpour, Gossip, LocalSGD, Strategy, Sync
+
+__all__ = ["Strategy", "Sync", "LocalSGD", "Downpour", "EASGD", "Gossip"]

@@ -1,0 +1,122 @@
+"""The strategy interface: what a runner sees of a model, and what it does after a step.
+
+An agent turns a strategy's settings (:mod:`.config`) into a *runner* with
+:func:`make_runner`. A runner has three moments, called by the agent on every rank:
+
+- ``start(params)``: collective, once, after rank 0's state was broadcast;
+- ``after_step(params)``: after every local optimizer step;
+- ``finish(params)``: collective, once; leaves one consensus model on every rank.
+
+Runners see the model only through :class:`ParameterAccess`, which the framework adapters
+(:mod:`hvdagents.frameworks`) implement: host (NumPy) copies for the one-sided path, and
+the framework's own Horovod binding for the all-reduce path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from .config import LocalSGD, Strategy, Sync
+
+__all__ = ["ParameterAccess", "RunnerState", "Runner", "SyncRunner", "LocalSGDRunner", "make_runner"]
+
+
+class ParameterAccess(Protocol):
+    """A model's parameters as the strategies see them (implemented by each adapter)."""
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Common dtype of the parameters (float32 or float64)."""
+
+    @property
+    def num_parameters(self) -> int:
+        """Total number of scalar parameters."""
+
+    def get_flat(self) -> np.ndarray:
+        """A host copy of all parameters as one 1-D array (deterministic order)."""
+
+    def set_flat(self, values: np.ndarray) -> None:
+        """Overwrite all parameters from a 1-D host array in :meth:`get_flat` order."""
+
+    def average_parameters(self) -> None:
+        """Collective: replace every parameter by its mean over all ranks (grouped all-reduce)."""
+
+
+@dataclass
+class RunnerState:
+    """The running state of a strategy: saved by checkpoints, restored on resume."""
+
+    step: int = 0
+    last_sync_step: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunnerState":
+        return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+class Runner(ABC):
+    """Applies one strategy to one agent's parameters. One per agent."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        self.state = RunnerState()
+
+    def start(self, params: ParameterAccess) -> None:
+        """Collective: called once on every rank after the initial broadcast."""
+
+    @abstractmethod
+    def after_step(self, params: ParameterAccess) -> None:
+        """Called after every local optimizer step; the runner counts steps itself."""
+
+    def finish(self, params: ParameterAccess) -> None:
+        """Collective: called once on every rank; leaves one consensus model everywhere."""
+
+
+class SyncRunner(Runner):
+    """Gradients are averaged before each step by the adapter's Horovod optimizer; the
+    parameters therefore never diverge and there is nothing to do after a step."""
+
+    def after_step(self, params: ParameterAccess) -> None:
+        self.state.step += 1
+        self.state.last_sync_step = self.state.step
+
+
+class LocalSGDRunner(Runner):
+    """Local steps; every ``period`` steps a collective parameter average (all ranks must
+    make the same number of steps). ``finish`` averages once more."""
+
+    strategy: LocalSGD
+
+    def after_step(self, params: ParameterAccess) -> None:
+        self.state.step += 1
+        if self.state.step - self.state.last_sync_step >= self.strategy.period:
+            params.average_parameters()
+            self.state.last_sync_step = self.state.step
+
+    def finish(self, params: ParameterAccess) -> None:
+        if self.state.last_sync_step != self.state.step:
+            params.average_parameters()
+            self.state.last_sync_step = self.state.step
+
+
+def make_runner(strategy: Strategy) -> Runner:
+    """The runner for ``strategy`` (weak strategies need an MPI world: see :mod:`.weak`)."""
+    if isinstance(strategy, Sync):
+        return SyncRunner(strategy)
+    if isinstance(strategy, LocalSGD):
+        return LocalSGDRunner(strategy)
+    if not isinstance(strategy, Strategy):
+        raise TypeError(
+            f"strategy must be an hvdagents strategy (hva.Sync(), hva.LocalSGD(), hva.Downpour(), "
+            f"hva.EASGD(), hva.Gossip()); got {type(strategy).__name__}"
+        )
+    from .weak import make_weak_runner
+
+    return make_weak_runner(strategy)

@@ -1,0 +1,158 @@
+"""Strategy settings: frozen, validated config objects.
+
+A strategy object says *how* agents agree on parameters; it holds settings only. The
+running state (step counters, the last pull) lives in the runner the agent builds from it
+(:mod:`hvdagents.strategies.base`), so a checkpoint can save and restore it.
+
+Strong (synchronous): :class:`Sync`, :class:`LocalSGD`. Weak (asynchronous, through MPI
+one-sided windows): :class:`Downpour`, :class:`EASGD`, :class:`Gossip`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["Strategy", "Sync", "LocalSGD", "Downpour", "EASGD", "Gossip"]
+
+#: Tolerance for the row sums of a Gossip mixing matrix.
+ROW_SUM_TOLERANCE = 1e-6
+
+
+def _check_int(owner: str, field: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{owner}.{field} must be an int; got {type(value).__name__} {value!r}")
+    if value < low:
+        raise ValueError(f"{owner}.{field} must be >= {low}; got {value}")
+
+
+def _check_staleness(owner: str, value: Optional[int]) -> None:
+    if value is not None:
+        _check_int(owner, "max_staleness", value, 0)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """Base of all strategy settings. ``synchronous`` tells the two families apart."""
+
+    synchronous = True
+
+
+@dataclass(frozen=True)
+class Sync(Strategy):
+    """Gradient all-reduce every step (Horovod ring all-reduce, data parallel).
+
+    ``compression``: ``None`` or ``"fp16"`` (gradients cast to float16 on the wire).
+    ``backward_passes_per_step``: gradients of this many backward passes are accumulated
+    locally before one all-reduce and one optimizer step.
+    """
+
+    compression: Optional[str] = None
+    backward_passes_per_step: int = 1
+
+    def __post_init__(self) -> None:
+        if self.compression not in (None, "fp16"):
+            raise ValueError(f"Sync.compression must be None or 'fp16'; got {self.compression!r}")
+        _check_int("Sync", "backward_passes_per_step", self.backward_passes_per_step, 1)
+
+
+@dataclass(frozen=True)
+class LocalSGD(Strategy):
+    """Local steps, with parameters averaged over all ranks every ``period`` steps."""
+
+    period: int = 8
+
+    def __post_init__(self) -> None:
+        _check_int("LocalSGD", "period", self.period, 1)
+
+
+@dataclass(frozen=True)
+class Downpour(Strategy):
+    """Asynchronous parameter server on a sharded window (Dean et al. 2012).
+
+    Every ``period`` local steps an agent pushes its accumulated change since its last pull
+    (divided by ``period`` when ``normalize``, as ADAG does) and pulls the centre.
+    ``max_staleness``: no agent runs more than this many steps ahead of the slowest
+    (Stale Synchronous Parallel); ``None`` for no bound.
+    """
+
+    synchronous = False
+    period: int = 4
+    max_staleness: Optional[int] = None
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("Downpour", "period", self.period, 1)
+        _check_staleness("Downpour", self.max_staleness)
+        if not isinstance(self.normalize, bool):
+            raise TypeError(f"Downpour.normalize must be a bool; got {self.normalize!r}")
+
+
+@dataclass(frozen=True)
+class EASGD(Strategy):
+    """Asynchronous elastic averaging SGD (Zhang, Choromanska, LeCun 2015).
+
+    Every ``period`` steps: read the centre c, d = alpha (x - c), x -= d, push +d to the centre.
+    """
+
+    synchronous = False
+    alpha: float = 0.1
+    period: int = 4
+    max_staleness: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.floating)):
+            raise TypeError(f"EASGD.alpha must be a float; got {self.alpha!r}")
+        if not 0.0 < float(self.alpha) < 1.0:
+            raise ValueError(f"EASGD.alpha must be in (0, 1); got {self.alpha}")
+        _check_int("EASGD", "period", self.period, 1)
+        _check_staleness("EASGD", self.max_staleness)
+
+
+@dataclass(frozen=True)
+class Gossip(Strategy):
+    """Decentralized averaging through the peers' own windows (Lian et al. 2018, AD-PSGD).
+
+    Every ``period`` steps agent i publishes its parameters in its window and mixes in its
+    peers': ``x_i <- sum_j weights[i][j] * x_j``. ``weights=None`` is uniform pairwise
+    gossip (one random peer, weight 1/2 each); a matrix must be square, non-negative and
+    row-stochastic (checked here, and against the world size when the agent starts).
+    """
+
+    synchronous = False
+    period: int = 1
+    weights: Optional[Sequence[Sequence[float]]] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("Gossip", "period", self.period, 1)
+        if self.weights is None:
+            return
+        try:
+            w = np.asarray(self.weights, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError("Gossip.weights must be a square matrix of numbers") from None
+        if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] == 0:
+            raise ValueError(f"Gossip.weights must be a square matrix; got shape {w.shape}")
+        if not np.all(np.isfinite(w)) or np.any(w < 0):
+            raise ValueError("Gossip.weights must be finite and non-negative")
+        sums = w.sum(axis=1)
+        bad = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOLERANCE)
+        if bad.size:
+            raise ValueError(
+                f"Gossip.weights must be row-stochastic (every row sums to 1); "
+                f"row {int(bad[0])} sums to {sums[bad[0]]:.6g}"
+            )
+        # store an immutable copy so the frozen object cannot change under us
+        object.__setattr__(self, "weights", tuple(tuple(float(v) for v in row) for row in w))
+
+    def matrix(self, size: int) -> Optional[np.ndarray]:
+        """The mixing matrix for a world of ``size`` ranks (``None`` = uniform pairwise)."""
+        if self.weights is None:
+            return None
+        w = np.asarray(self.weights, dtype=np.float64)
+        if w.shape != (size, size):
+            raise ValueError(f"Gossip.weights must be {size}x{size} for {size} ranks; got {w.shape[0]}x{w.shape[1]}")
+        return w

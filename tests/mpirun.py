@@ -1,0 +1,133 @@
+"""Run a Python script as a real MPI job from a test, with a hard timeout.
+
+Every distributed test goes through :func:`run_job`: it owns the launcher flags (running
+as root, oversubscribing 2 cores with 4 ranks, one thread per rank) so no test repeats them,
+and it kills the whole process group when the timeout passes, so a hang fails the test
+instead of stalling the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+
+#: Default hard limit for one MPI job, in seconds.
+DEFAULT_TIMEOUT = 180
+
+#: Environment every job gets: quiet TensorFlow, one compute thread per rank (2 cores,
+#: up to 4 ranks), and permission to run as root inside containers.
+JOB_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+    "OMP_NUM_THREADS": "1",
+    "TF_NUM_INTRAOP_THREADS": "1",
+    "TF_NUM_INTEROP_THREADS": "1",
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": str(REPO),
+}
+
+
+@dataclass
+class JobResult:
+    """What a finished (or killed) job left: exit code, output, and whether it timed out."""
+
+    command: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    timed_out: bool
+    seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def results(self, tag: str = "RESULT") -> list[dict]:
+        """The JSON objects the script printed on lines starting with ``tag``."""
+        out = []
+        for line in self.stdout.splitlines():
+            if line.startswith(tag + " "):
+                out.append(json.loads(line[len(tag) + 1:]))
+        return out
+
+    def check(self) -> "JobResult":
+        """Raise with the whole output unless the job exited 0 in time."""
+        if self.timed_out or self.returncode != 0:
+            raise AssertionError(
+                f"job {'timed out' if self.timed_out else f'exited {self.returncode}'} "
+                f"after {self.seconds:.1f}s: {' '.join(self.command)}\n"
+                f"--- stdout ---\n{self.stdout[-6000:]}\n--- stderr ---\n{self.stderr[-6000:]}"
+            )
+        return self
+
+
+def mpirun_command(np: int) -> list[str]:
+    """The mpirun prefix for ``np`` local ranks (no binding: ranks share 2 cores)."""
+    return [shutil.which("mpirun") or "mpirun", "-np", str(np), "--bind-to", "none"]
+
+
+def run_command(
+    command: Sequence[str],
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> JobResult:
+    """Run ``command`` in its own process group; kill the group on timeout."""
+    import time
+
+    full_env = dict(os.environ)
+    full_env.update(JOB_ENV)
+    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
+    if env:
+        full_env.update(env)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+        cwd=str(cwd or REPO),
+        start_new_session=True,
+    )
+    timed_out = False
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+    return JobResult(list(command), proc.returncode, stdout, stderr, timed_out, time.monotonic() - started)
+
+
+def run_job(
+    script: str | os.PathLike,
+    np: int = 2,
+    args: Sequence[str] = (),
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    env: Mapping[str, str] | None = None,
+    launcher: Sequence[str] | None = None,
+) -> JobResult:
+    """Run ``python script args...`` on ``np`` ranks under mpirun (or ``launcher``).
+
+    ``script`` is a path, or a bare name looked up in ``tests/scripts/``.
+    """
+    path = Path(script)
+    if not path.is_absolute() and not path.exists():
+        path = SCRIPTS / path
+    prefix = list(launcher) if launcher is not None else mpirun_command(np)
+    return run_command([*prefix, sys.executable, str(path), *args], timeout=timeout, env=env)

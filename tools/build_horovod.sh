@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Build Horovod 0.28.1 from its PyPI sdist for the frameworks installed in $PY's environment,
+# and install it. The built wheel is cached under ~/.cache/hvdagents/ keyed by the Horovod,
+# torch, TensorFlow and Python versions, so later runs (and other clones) skip the ~10 min build.
+#
+# Horovod 0.28.1 (June 2023) is the newest release; its sdist does not build against current
+# frameworks as-is. The two fixes below are the whole difference from upstream:
+#   1. C++14 -> C++17 in CMakeLists.txt and horovod/torch/CMakeLists.txt
+#      (torch >= 2.1 headers need C++17; fixed upstream after the release, never released).
+#   2. Drop xla_mpi_ops.cc from horovod/tensorflow/CMakeLists.txt
+#      (TF 2.21's XLA headers include files the wheel does not ship; the XLA ops are optional).
+set -euo pipefail
+PY=${PY:-python3}
+HOROVOD_VERSION=0.28.1
+CACHE=${HVDAGENTS_CACHE:-$HOME/.cache/hvdagents}
+
+key=$("$PY" - <<PYEOF
+import sys, importlib.metadata as md
+v = lambda n: md.version(n)
+print(f"horovod-$HOROVOD_VERSION-torch-{v('torch')}-tf-{v('tensorflow-cpu')}-py{sys.version_info.major}{sys.version_info.minor}")
+PYEOF
+)
+wheel_dir=$CACHE/$key
+mkdir -p "$CACHE"
+
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    echo "[build_horovod] building $key (about 10 minutes on 2 cores)" >&2
+    "$PY" -m pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$work"
+    tar -xzf "$work/horovod-$HOROVOD_VERSION.tar.gz" -C "$work"
+    src=$work/horovod-$HOROVOD_VERSION
+
+    # Fix 1: C++17 (torch >= 2.1).
+    sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' \
+        "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"
+    grep -q 'CMAKE_CXX_STANDARD 17' "$src/CMakeLists.txt"
+    grep -q 'CMAKE_CXX_STANDARD 17' "$src/horovod/torch/CMakeLists.txt"
+    # Fix 2: no XLA ops against TF 2.21's incomplete XLA headers.
+    sed -i '/xla_mpi_ops\.cc/d' "$src/horovod/tensorflow/CMakeLists.txt"
+    if grep -q 'xla_mpi_ops' "$src/horovod/tensorflow/CMakeLists.txt"; then
+        echo "[build_horovod] patch 2 did not apply" >&2; exit 1
+    fi
+
+    tmp_out=$work/wheel
+    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+    HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+    MAKEFLAGS="-j$(nproc)" \
+        "$PY" -m pip wheel -q --no-build-isolation --no-deps "$src" -w "$tmp_out"
+    # Publish atomically so a killed build never leaves a half-written cache entry.
+    mkdir -p "$wheel_dir.tmp.$$"
+    mv "$tmp_out"/horovod-*.whl "$wheel_dir.tmp.$$/"
+    mv -T "$wheel_dir.tmp.$$" "$wheel_dir"
+fi
+"$PY" -m pip install -q --no-deps "$wheel_dir"/horovod-*.whl
+echo "[build_horovod] installed $(ls "$wheel_dir"/horovod-*.whl)" >&2
