@@ -88,8 +88,10 @@ def detect_launcher(env: Mapping[str, str]) -> str:
     if env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR") or env.get("HOROVOD_CONTROLLER") == "gloo":
         return "horovodrun-gloo"
     started_by_mpirun = "OMPI_MCA_orte_hnp_uri" in env or "OMPI_COMM_WORLD_SIZE" in env
-    if started_by_mpirun and "HOROVOD_HOSTNAME" in env:
-        return "horovodrun"  # horovodrun --mpi runs mpirun and exports HOROVOD_HOSTNAME
+    if started_by_mpirun and env.get("OMPI_MCA_pml") == "ob1" and env.get("OMPI_MCA_btl") == "^openib":
+        # horovodrun --mpi exports no variable of its own; it runs mpirun with exactly these
+        # two MCA settings, which Open MPI passes to the ranks. A heuristic, used for reports.
+        return "horovodrun"
     if started_by_mpirun:
         return "mpirun"
     if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:

@@ -1,0 +1,339 @@
+"""A real one-node SLURM (munged + slurmctld + slurmd) under a temporary directory, for tests.
+
+Everything lives under one directory: the munge key and socket, ``slurm.conf`` (with two
+GPUs declared as plain counted resources, so GPU templates can be submitted on a CPU box),
+state, spool and logs. Daemons run in the foreground as children of the test process, on free
+ports, so several clusters (or a system SLURM) never clash, and :meth:`SlurmCluster.stop`
+ends exactly the processes it started. Every client command has a hard timeout; bring-up that
+does not finish in time raises :class:`SlurmUnavailable` with the daemons' log tails.
+
+Use as a context manager, or from a shell for poking around::
+
+    python tests/slurm_cluster.py      # starts a cluster, prints `export SLURM_CONF=...`, Ctrl-C stops
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mpirun import JOB_ENV, REPO, JobResult  # noqa: E402
+
+__all__ = ["SlurmCluster", "SlurmUnavailable", "install_slurm", "DAEMONS"]
+
+#: Programs a cluster needs on PATH.
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "scancel")
+
+#: Seconds allowed for tools/setup_slurm.sh (an apt install on a fresh machine).
+INSTALL_TIMEOUT = 600
+#: Seconds allowed for the daemons to come up and the node to turn idle.
+STARTUP_TIMEOUT = 60
+#: Seconds allowed for one client command (sbatch, scontrol, squeue, ...).
+CLIENT_TIMEOUT = 30
+#: CPUs and GPUs the node declares (more than the machine has: config_overrides allows it).
+NODE_CPUS = 4
+NODE_GPUS = 2
+
+#: Job states after which a job will not run again by itself.
+FINAL_STATES = {
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+    "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+}
+
+
+class SlurmUnavailable(RuntimeError):
+    """SLURM could not be installed or brought up; the message says why (with log tails)."""
+
+
+def install_slurm(timeout: float = INSTALL_TIMEOUT) -> tuple[bool, str]:
+    """Make sure SLURM and munge are installed (``tools/setup_slurm.sh``).
+
+    Returns ``(True, "")`` when they are, ``(False, reason)`` when they cannot be installed on
+    this machine (not root, no apt-get). Raises :class:`SlurmUnavailable` when an install was
+    tried and failed.
+    """
+    if all(shutil.which(name) for name in DAEMONS):
+        return True, ""
+    script = REPO / "tools" / "setup_slurm.sh"
+    try:
+        proc = subprocess.run(
+            ["bash", str(script)], capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise SlurmUnavailable(f"{script} did not finish in {timeout:.0f}s") from exc
+    if proc.returncode == 3:
+        return False, proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "cannot install"
+    if proc.returncode != 0:
+        raise SlurmUnavailable(f"{script} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return True, ""
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} not written)"
+    return "\n".join(text[-lines:])
+
+
+class SlurmCluster:
+    """A one-node SLURM cluster rooted at ``root`` (a fresh, empty directory).
+
+    ``env`` is the environment every client command and every job gets: the test process's
+    environment without any ``SLURM_*`` variables of an outer allocation, plus the MPI test
+    settings of :mod:`mpirun` and ``SLURM_CONF`` pointing at this cluster.
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.node = socket.gethostname().split(".")[0]
+        self.conf = self.root / "etc" / "slurm.conf"
+        self.logs = self.root / "log"
+        self._procs: dict[str, subprocess.Popen] = {}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+        env.update(JOB_ENV)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["SLURM_CONF"] = str(self.conf)
+        self.env = env
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def __enter__(self) -> "SlurmCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Write the configuration, start munged, slurmctld and slurmd, wait for an idle node."""
+        missing = [name for name in DAEMONS if not shutil.which(name)]
+        if missing:
+            raise SlurmUnavailable(f"not on PATH: {', '.join(missing)} (run tools/setup_slurm.sh)")
+        try:
+            self._write_config()
+            self._start_munge()
+            self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+            self._wait(lambda: "UP" in self.run(["scontrol", "ping"], check=False).stdout,
+                       timeout, "slurmctld to answer 'scontrol ping'")
+            self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
+            self._wait(self._node_idle, timeout, f"node {self.node} to become idle")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Cancel every job, then end the daemons this object started (TERM, then KILL)."""
+        if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
+            self.run(["scancel", "--full", "--quiet", "--user", str(os.getuid())], check=False)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and self.run(
+                ["squeue", "-h", "-o", "%i"], check=False
+            ).stdout.strip():
+                time.sleep(0.5)
+        for name in ("slurmd", "slurmctld", "munged"):
+            proc = self._procs.pop(name, None)
+            if proc is None or proc.poll() is not None:
+                continue
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def diagnostics(self) -> str:
+        """The daemons' log tails, for error messages."""
+        return "\n".join(
+            f"--- {name} ---\n{_tail(self.logs / f'{name}.log')}"
+            for name in ("munged", "slurmctld", "slurmd")
+        )
+
+    # ---- client commands ----------------------------------------------------------------
+    def run(
+        self,
+        command: Sequence[str],
+        *,
+        timeout: float = CLIENT_TIMEOUT,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+        check: bool = True,
+    ) -> JobResult:
+        """Run a command against this cluster, killed (process group) after ``timeout`` seconds."""
+        full_env = dict(self.env)
+        if env:
+            full_env.update(env)
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=full_env, cwd=str(cwd or REPO), start_new_session=True,
+        )
+        timed_out = False
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+        result = JobResult(list(command), proc.returncode, stdout, stderr, timed_out,
+                           time.monotonic() - started)
+        return result.check() if check else result
+
+    def sbatch(self, script: str | os.PathLike, *options: str, env: Mapping[str, str] | None = None) -> int:
+        """Submit a batch script (``options`` go before it, overriding its ``#SBATCH`` lines)."""
+        out = self.run(["sbatch", "--parsable", *options, str(script)], env=env).stdout
+        return int(out.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        """``scontrol show job`` as a dict (``JobState``, ``Restarts``, ``BatchHost``, ...)."""
+        text = self.run(["scontrol", "-o", "show", "job", str(job_id)]).stdout
+        return dict(re.findall(r"(\w[\w:/]*)=(\S*)", text))
+
+    def state(self, job_id: int) -> str:
+        """The job's state, e.g. ``PENDING``, ``RUNNING``, ``COMPLETED``."""
+        return self.job(job_id).get("JobState", "UNKNOWN")
+
+    def wait_state(self, job_id: int, states: set[str] | frozenset[str], timeout: float) -> str:
+        """Wait (at most ``timeout`` s) until the job is in one of ``states``; return it.
+
+        Raises ``AssertionError`` with the job record on timeout, and when the job reaches a
+        final state that was not asked for.
+        """
+        deadline = time.monotonic() + timeout
+        state = "UNKNOWN"
+        while time.monotonic() < deadline:
+            state = self.state(job_id)
+            if state in states:
+                return state
+            if state in FINAL_STATES:
+                break
+            time.sleep(0.5)
+        raise AssertionError(
+            f"job {job_id} is {state}, waited for {sorted(states)} ({timeout:.0f}s at most):\n"
+            f"{self.job(job_id)}\n{self.diagnostics()}"
+        )
+
+    def wait_done(self, job_id: int, timeout: float) -> str:
+        """Wait (bounded) until the job has ended; cancel it and fail if it runs too long."""
+        try:
+            return self.wait_state(job_id, FINAL_STATES, timeout)
+        except AssertionError:
+            self.run(["scancel", "--full", str(job_id)], check=False)
+            raise
+
+    # ---- internals ------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        for sub in ("etc", "log", "state", "spool", "munge"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        node = self.node
+        self.conf.write_text(
+            "\n".join([
+                "ClusterName=hvatest",
+                f"SlurmctldHost={node}(127.0.0.1)",
+                f"SlurmctldPort={_free_port()}",
+                f"SlurmdPort={_free_port()}",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                "AuthType=auth/munge",
+                "CredType=cred/munge",
+                f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
+                f"StateSaveLocation={self.root / 'state'}",
+                f"SlurmdSpoolDir={self.root / 'spool'}",
+                f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+                f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+                f"SlurmctldLogFile={self.logs / 'slurmctld.log'}",
+                f"SlurmdLogFile={self.logs / 'slurmd.log'}",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_CPU",
+                "SlurmdParameters=config_overrides",
+                "SchedulerType=sched/builtin",
+                "MpiDefault=none",
+                "ReturnToService=2",
+                "JobRequeue=1",
+                "KillWait=5",
+                "MinJobAge=600",
+                "InactiveLimit=0",
+                "AccountingStorageType=accounting_storage/none",
+                "JobCompType=jobcomp/none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "GresTypes=gpu",
+                f"NodeName={node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} Gres=gpu:{NODE_GPUS} State=UNKNOWN",
+                "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ])
+        )
+        # Counted GPUs without device files: SLURM allocates them, nothing is bound.
+        (self.conf.parent / "gres.conf").write_text(
+            f"AutoDetect=off\nNodeName={node} Name=gpu Count={NODE_GPUS}\n"
+        )
+
+    def _start_munge(self) -> None:
+        key = self.root / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        munge = self.root / "munge"
+        self._spawn("munged", [
+            "munged", "--foreground", "--force", f"--key-file={key}",
+            f"--socket={munge / 'munge.socket'}", f"--pid-file={munge / 'munged.pid'}",
+            f"--seed-file={munge / 'munged.seed'}", f"--log-file={self.logs / 'munged.log'}",
+        ])
+        self._wait(lambda: (munge / "munge.socket").exists(), STARTUP_TIMEOUT, "munged's socket")
+
+    def _spawn(self, name: str, command: list[str]) -> None:
+        out = open(self.logs / f"{name}.stdout", "wb")
+        self._procs[name] = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+        )
+        out.close()
+
+    def _node_idle(self) -> bool:
+        state = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip()
+        if "idle" in state or "mixed" in state or "allocated" in state:
+            return True
+        if state.startswith(("down", "drain", "unknown")) or not state:
+            self.run(["scontrol", "update", f"nodename={self.node}", "state=resume"], check=False)
+        return False
+
+    def _wait(self, ready, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise SlurmUnavailable(
+                        f"{name} exited ({proc.returncode}) while waiting for {what}:\n"
+                        f"{_tail(self.logs / f'{name}.stdout')}\n{self.diagnostics()}"
+                    )
+            if ready():
+                return
+            time.sleep(0.3)
+        raise SlurmUnavailable(f"timed out after {timeout:.0f}s waiting for {what}\n{self.diagnostics()}")
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    ok, why = install_slurm()
+    if not ok:
+        sys.exit(f"cannot run SLURM here: {why}")
+    with tempfile.TemporaryDirectory(prefix="hva-slurm-") as tmp, SlurmCluster(tmp) as cluster:
+        print(f"export SLURM_CONF={cluster.conf}  # Ctrl-C to stop the cluster", flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            pass
