@@ -30,3 +30,11 @@ def test_localsgd_period_1_equals_sync(checks):
 def test_checkpoint_resume_is_bitwise_equal_to_straight_training(checks):
     assert checks["resume"]["epoch"] == 2
     assert checks["resume"]["bitwise"] is True
+
+
+def test_fp16_compression_is_applied_and_stays_close(checks):
+    assert 0 < checks["fp16"]["max_abs"] < 1e-2
+
+
+def test_backward_passes_per_step_accumulates_before_one_allreduce(checks):
+    assert checks["backward_passes"]["max_rel"] < 1e-10

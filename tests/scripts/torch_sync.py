@@ -97,3 +97,23 @@ with tempfile.TemporaryDirectory() as tmp:
     extra = a5.load_checkpoint(path)
     epochs(a5, m5, o5, 1)
 report("resume", bitwise=bool(np.array_equal(flat(m5), flat(m3))), epoch=extra.get("epoch"))
+
+# 6. fp16 compression is really applied: close to Sync, but not bit-equal
+model6 = make_model(seed=100 + ctx.rank)
+optimizer6 = torch.optim.SGD(model6.parameters(), lr=LR)
+agent6 = hva.TorchAgent(model6, optimizer6, strategy=hva.Sync(compression="fp16"))
+train(agent6, model6, optimizer6)
+report("fp16", max_abs=float(np.max(np.abs(flat(model6) - sync_params))))
+
+# 7. backward_passes_per_step=2: two half-batch passes then one step == one full-batch step
+model7 = make_model(seed=100 + ctx.rank)
+optimizer7 = torch.optim.SGD(model7.parameters(), lr=LR)
+agent7 = hva.TorchAgent(model7, optimizer7, strategy=hva.Sync(backward_passes_per_step=2))
+for s in range(STEPS):
+    xb, yb = X[s * BATCH:(s + 1) * BATCH], Y[s * BATCH:(s + 1) * BATCH]
+    mine = hva.shard(np.arange(BATCH))
+    optimizer7.zero_grad()
+    for half in (mine[: len(mine) // 2], mine[len(mine) // 2:]):
+        (torch.nn.functional.mse_loss(model7(xb[half]), yb[half]) / 2).backward()
+    agent7.step()
+report("backward_passes", max_rel=float(np.max(np.abs(flat(model7) - sync_params)) / np.max(np.abs(sync_params))))

@@ -1,0 +1,62 @@
+"""Shared by the digits examples: scikit-learn's bundled digits (nothing is downloaded),
+a fixed train/test split, this rank's training shard, and the common command-line flags."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+import hvdagents as hva
+
+#: Held-out share of the 1,797 digits; the split is the same on every rank (fixed seed).
+TEST_FRACTION = 0.2
+SPLIT_SEED = 0
+
+STRATEGIES = {
+    "sync": lambda a: hva.Sync(compression=a.compression),
+    "localsgd": lambda a: hva.LocalSGD(period=a.period),
+    "downpour": lambda a: hva.Downpour(period=a.period, max_staleness=a.max_staleness),
+    "easgd": lambda a: hva.EASGD(alpha=a.alpha, period=a.period, max_staleness=a.max_staleness),
+    "gossip": lambda a: hva.Gossip(period=a.period),
+}
+
+
+def parser(description: str, default_strategy: str = "sync") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--strategy", choices=sorted(STRATEGIES), default=default_strategy)
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--compression", choices=["fp16"], default=None, help="Sync only: fp16 on the wire")
+    p.add_argument("--period", type=int, default=4, help="steps between exchanges (not Sync)")
+    p.add_argument("--alpha", type=float, default=0.5, help="EASGD elasticity")
+    p.add_argument("--max-staleness", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="rank 0 writes a checkpoint here every epoch")
+    p.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
+    p.add_argument("--csv", default=None, help="rank 0 logs per-epoch metrics to this CSV")
+    return p
+
+
+def strategy_from(args: argparse.Namespace) -> hva.Strategy:
+    return STRATEGIES[args.strategy](args)
+
+
+def load(dtype: str = "float32"):
+    """``(x_train, y_train, x_test, y_test)``: the whole split, identical on every rank."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(dtype)
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
+    n_test = int(len(x) * TEST_FRACTION)
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train].astype("int64"), x[test], y[test].astype("int64")
+
+
+def my_shard(x: np.ndarray, y: np.ndarray, ctx: hva.Context) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's slice, trimmed to the smallest rank's length so that every rank runs the
+    same number of batches per epoch (synchronous strategies need it)."""
+    n = len(x) // ctx.size
+    return hva.shard(x)[:n], hva.shard(y)[:n]

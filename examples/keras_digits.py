@@ -1,0 +1,63 @@
+"""Train an MLP on scikit-learn's digits with Keras 3 (TensorFlow backend) on every rank.
+
+    mpirun -np 2 python examples/keras_digits.py --epochs 12
+    mpirun -np 4 python examples/keras_digits.py --strategy downpour
+
+Rank 0 prints Keras' per-epoch progress, logs epochs to --csv, checkpoints to --checkpoint,
+and prints the final test accuracy of the model every rank agrees on after ``agent.close()``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+import hvdagents as hva
+from hvdagents.metrics import MetricsLog
+
+import _digits
+
+
+def main() -> None:
+    args = _digits.parser(__doc__.splitlines()[0]).parse_args()
+    ctx = hva.init()
+    import keras
+
+    keras.utils.set_random_seed(args.seed + ctx.rank)  # differs per rank: the agent broadcasts rank 0's
+    x_train, y_train, x_test, y_test = _digits.load()
+    x, y = _digits.my_shard(x_train, y_train, ctx)
+    model = keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(64, activation="relu", name="hidden"),
+        keras.layers.Dense(10, name="logits"),
+    ])
+    model.compile(
+        optimizer=keras.optimizers.SGD(args.lr, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    agent = hva.KerasAgent(model, strategy=_digits.strategy_from(args))
+    start_epoch = 0
+    if args.resume and args.checkpoint and os.path.exists(args.checkpoint):
+        start_epoch = agent.load_checkpoint(args.checkpoint)["epoch"]
+    callbacks = []
+    if args.csv:
+        log = MetricsLog(args.csv, is_root=ctx.is_root, append=start_epoch > 0)
+        callbacks.append(keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: log.log(epoch=epoch + 1, loss=logs["loss"], accuracy=logs["accuracy"]),
+            on_train_end=lambda logs: log.close(),
+        ))
+    agent.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, initial_epoch=start_epoch,
+              shuffle=True, verbose=2, callbacks=callbacks, checkpoint=args.checkpoint)
+    local_steps = agent.runner_state.step
+    agent.close()  # one consensus model on every rank
+    steps_per_rank = ctx.comm.gather(local_steps, root=0) if ctx.mpi_world else [local_steps]
+    if ctx.is_root:
+        predictions = np.argmax(model.predict(x_test, verbose=0), axis=1)
+        print(f"strategy: {args.strategy}, ranks: {ctx.size}, steps per rank: {steps_per_rank}")
+        print(f"final test accuracy: {float(np.mean(predictions == y_test)):.4f}")
+
+
+if __name__ == "__main__":
+    main()
