@@ -147,7 +147,7 @@ class Agent(ABC):
         self._runner.finish(self)
         self._closed = True
 
-    def __enter__(self) -> "Agent":
+    def __enter__(self) -> Agent:
         return self
 
     def __exit__(self, exc_type: Any, *rest: Any) -> None:

@@ -63,7 +63,7 @@ class JobResult:
                 out.append(json.loads(line[len(tag) + 1:]))
         return out
 
-    def check(self) -> "JobResult":
+    def check(self) -> JobResult:
         """Raise with the whole output unless the job exited 0 in time."""
         if self.timed_out or self.returncode != 0:
             raise AssertionError(

@@ -2,9 +2,8 @@
 
 import sys
 
-from mpirun import mpirun_command, run_command
-
 from hvdagents import doctor
+from mpirun import mpirun_command, run_command
 
 
 def test_doctor_passes_on_a_good_setup():

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+
 from mpirun import REPO, run_job
 
 EXAMPLES = REPO / "examples"

@@ -1,9 +1,9 @@
 """KerasAgent and hva.keras with Sync/LocalSGD on 2 real MPI ranks (one job, several checks)."""
 
 import pytest
-from mpirun import run_job
 
 from hvdagents.keras.callbacks import warmup_learning_rate
+from mpirun import run_job
 
 
 @pytest.fixture(scope="module")

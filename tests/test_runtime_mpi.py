@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+
 from mpirun import JOB_ENV, SCRIPTS, mpirun_command, run_command, run_job
 
 
@@ -69,7 +70,8 @@ def test_sigterm_to_mpirun_ends_the_job_quickly(tmp_path):
 
     env = dict(os.environ, **JOB_ENV)
     cmd = [*mpirun_command(2), sys.executable, "-c",
-           "import hvdagents as h, time; c=h.init(); print('up', c.rank, flush=True); c.comm.barrier(); time.sleep(120)"]
+           "import hvdagents as h, time; c = h.init(); print('up', c.rank, flush=True); "
+           "c.comm.barrier(); time.sleep(120)"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:

@@ -157,6 +157,7 @@ def test_import_has_no_side_effects():
     import subprocess
     import sys
 
-    code = "import sys, hvdagents; print('mpi4py.MPI' in sys.modules, 'torch' in sys.modules, 'tensorflow' in sys.modules)"
+    code = ("import sys, hvdagents; "
+            "print('mpi4py.MPI' in sys.modules, 'torch' in sys.modules, 'tensorflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]

@@ -1,6 +1,7 @@
 """TorchAgent with Sync/LocalSGD on 2 real MPI ranks (one job, several checks)."""
 
 import pytest
+
 from mpirun import run_job
 
 

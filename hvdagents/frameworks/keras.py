@@ -12,7 +12,9 @@ import os
 import pickle
 from typing import Any, Mapping, Sequence
 
+import keras  # noqa: E402  (hvdagents itself must import without TensorFlow)
 import numpy as np
+import tensorflow as tf  # noqa: E402
 
 from ..agent import Agent, ParameterSignature, check_same_model
 from ..checkpoint import write_atomic
@@ -20,9 +22,6 @@ from ..errors import UsageError
 from ..runtime import horovod_binding
 from ..strategies.base import RunnerState
 from ..strategies.config import Strategy, Sync
-
-import keras  # noqa: E402  (hvdagents itself must import without TensorFlow)
-import tensorflow as tf  # noqa: E402
 
 __all__ = ["KerasAgent", "broadcast_variables", "average_values"]
 

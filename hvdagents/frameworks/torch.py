@@ -72,7 +72,8 @@ class TorchAgent(Agent):
         self._broadcast_state()
         self._hvd_optimizer = None
         if isinstance(self.strategy, Sync):
-            compression = self._hvd.Compression.fp16 if self.strategy.compression == "fp16" else self._hvd.Compression.none
+            compressions = {None: self._hvd.Compression.none, "fp16": self._hvd.Compression.fp16}
+            compression = compressions[self.strategy.compression]
             self._hvd_optimizer = self._hvd.DistributedOptimizer(
                 optimizer,
                 named_parameters=self._named,

@@ -105,7 +105,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         }
 
     @classmethod
-    def from_config(cls, config: dict, custom_objects: Any = None) -> "DistributedOptimizer":
+    def from_config(cls, config: dict, custom_objects: Any = None) -> DistributedOptimizer:
         config = dict(config)
         inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)

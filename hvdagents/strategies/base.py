@@ -57,7 +57,7 @@ class RunnerState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunnerState":
+    def from_dict(cls, data: dict[str, Any]) -> RunnerState:
         return cls(**{k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__})
 
 

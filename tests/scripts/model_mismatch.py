@@ -16,7 +16,8 @@ try:
     else:
         import keras
 
-        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(width, name="hidden"), keras.layers.Dense(2, name="out")])
+        layers = [keras.Input((8,)), keras.layers.Dense(width, name="hidden"), keras.layers.Dense(2, name="out")]
+        model = keras.Sequential(layers)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
         hva.KerasAgent(model, strategy=hva.Sync())
 except ValueError as err:
