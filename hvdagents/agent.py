@@ -9,11 +9,14 @@ live in the adapters under :mod:`hvdagents.frameworks`, which subclass :class:`A
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from types import ModuleType
+from typing import IO, Any, Sequence
 
 import numpy as np
 
+from .checkpoint import write_atomic
 from .errors import ClosedError, ModelMismatchError
 from .runtime import Context, init
 from .strategies.base import Runner, RunnerState, make_runner
@@ -23,6 +26,9 @@ __all__ = ["Agent", "ParameterSignature", "check_same_model"]
 
 #: (name, shape, dtype) of one parameter, as compared across ranks.
 ParameterSignature = tuple[str, tuple[int, ...], str]
+
+#: Rank whose state every rank starts from, and the one that writes checkpoints.
+ROOT_RANK = 0
 
 #: How many differing ranks an error message lists before "...".
 _MAX_RANKS_LISTED = 8
@@ -81,10 +87,13 @@ class Agent(ABC):
 
     Subclasses implement the :class:`~hvdagents.strategies.base.ParameterAccess` methods
     (``dtype``, ``num_parameters``, ``get_flat``, ``set_flat``, ``average_parameters``) and
-    the framework parts of checkpoints; this class owns the strategy runner and lifecycle.
+    the framework parts of checkpoints (``_framework_state``, ``_restore_framework_state``,
+    ``_write_payload``, ``_read_payload``), and set ``_hvd`` to their Horovod binding; this
+    class owns the strategy runner, checkpoints and lifecycle.
     """
 
     _closed = False
+    _hvd: ModuleType
 
     def __init__(self, strategy: Strategy | None) -> None:
         self.context: Context = init()
@@ -129,6 +138,58 @@ class Agent(ABC):
     def _check_open(self) -> None:
         if self._closed:
             raise ClosedError(f"{type(self).__name__} is closed")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    @abstractmethod
+    def _framework_state(self) -> Any:
+        """Host copies of the model's and optimizer's state (picklable)."""
+
+    @abstractmethod
+    def _restore_framework_state(self, state: Any) -> None:
+        """Load what :meth:`_framework_state` returned into the model and optimizer."""
+
+    @abstractmethod
+    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None: ...
+
+    @abstractmethod
+    def _read_payload(self, handle: IO[bytes]) -> dict: ...
+
+    def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
+        """Rank 0 writes model, optimizer, strategy state and ``extra`` (e.g. ``epoch=3``)
+        atomically: a temporary file, then a rename. Other ranks return at once; not collective.
+        With an asynchronous strategy rank 0 saves its own model; ``close()`` first for the
+        consensus."""
+        self._check_open()
+        if not self.context.is_root:
+            return
+        payload = {
+            "framework_state": self._framework_state(),
+            "strategy_state": self.runner_state.to_dict(),
+            "extra": extra,
+        }
+        write_atomic(path, lambda handle: self._write_payload(payload, handle))
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Collective: rank 0 reads ``path`` and every rank resumes from it (model,
+        optimizer, strategy state); returns the ``extra`` values saved with it. A missing or
+        unreadable file raises ``FileNotFoundError`` on every rank, naming the file."""
+        self._check_open()
+        payload: Any = None
+        error = None
+        if self.context.rank == ROOT_RANK:
+            try:
+                with open(path, "rb") as handle:
+                    payload = self._read_payload(handle)
+            except Exception as err:  # noqa: BLE001 - reported on every rank below
+                error = f"cannot read checkpoint {os.fspath(path)!r}: {type(err).__name__}: {err}"
+        error = self._hvd.broadcast_object(error, root_rank=ROOT_RANK, name="hvdagents.ckpt.error")
+        if error:
+            raise FileNotFoundError(error)
+        payload = self._hvd.broadcast_object(payload, root_rank=ROOT_RANK, name="hvdagents.ckpt")
+        self._restore_framework_state(payload["framework_state"])
+        self._runner.state = RunnerState.from_dict(payload["strategy_state"])
+        self._runner.reseed(self)
+        return dict(payload["extra"])
 
     def flat_parameters(self) -> np.ndarray:
         """A NumPy copy of this rank's model parameters, in the model's dtype. Local."""

@@ -10,22 +10,18 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Mapping, Sequence
 
 import keras  # noqa: E402  (hvdagents itself must import without TensorFlow)
 import numpy as np
 import tensorflow as tf  # noqa: E402
 
-from ..agent import Agent, ParameterSignature, check_same_model
-from ..checkpoint import write_atomic
+from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..errors import UsageError
 from ..runtime import horovod_binding
-from ..strategies.base import RunnerState
 from ..strategies.config import Strategy, Sync
 
 __all__ = ["KerasAgent", "broadcast_variables", "average_values"]
-
-ROOT_RANK = 0
 
 
 def broadcast_variables(variables: Sequence[Any], root_rank: int = ROOT_RANK) -> None:
@@ -163,39 +159,20 @@ class KerasAgent(Agent):
     def _signature(self) -> list[ParameterSignature]:
         return [(v.path, tuple(int(d) for d in v.shape), str(v.dtype)) for v in self.model.weights]
 
-    def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
-        """Rank 0 writes weights, optimizer variables, strategy state and ``extra``
-        atomically (temp file, then rename); other ranks return at once. Not collective."""
-        self._check_open()
-        if not self.context.is_root:
-            return
-        payload = {
+    def _framework_state(self) -> Any:
+        return {
             "weights": [np.asarray(v.numpy()) for v in self.model.weights],
             "optimizer": [np.asarray(v.numpy()) for v in self.model.optimizer.variables],
-            "strategy_state": self.runner_state.to_dict(),
-            "extra": extra,
         }
-        write_atomic(path, lambda handle: pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL))
 
-    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Collective: rank 0 reads ``path``, every rank resumes from it; returns ``extra``.
-        A missing or unreadable file raises on every rank."""
-        self._check_open()
-        payload: Any = None
-        error = None
-        if self.context.is_root:
-            try:
-                with open(path, "rb") as handle:
-                    payload = pickle.load(handle)
-            except (OSError, pickle.UnpicklingError, EOFError) as err:
-                error = f"cannot read checkpoint {os.fspath(path)!r}: {err}"
-        error = self._hvd.broadcast_object(error, root_rank=ROOT_RANK, name="hvdagents.ckpt.error")
-        if error:
-            raise FileNotFoundError(error)
-        payload = self._hvd.broadcast_object(payload, root_rank=ROOT_RANK, name="hvdagents.ckpt")
-        for v, value in zip(self.model.weights, payload["weights"]):
+    def _restore_framework_state(self, state: Any) -> None:
+        for v, value in zip(self.model.weights, state["weights"]):
             v.assign(value)
-        for v, value in zip(self.model.optimizer.variables, payload["optimizer"]):
+        for v, value in zip(self.model.optimizer.variables, state["optimizer"]):
             v.assign(value)
-        self._runner.state = RunnerState.from_dict(payload["strategy_state"])
-        return dict(payload["extra"])
+
+    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
+        pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def _read_payload(self, handle: IO[bytes]) -> dict:
+        return pickle.load(handle)

@@ -10,24 +10,17 @@ Horovod's wrapper is used only for its hooks and ``synchronize()``.
 from __future__ import annotations
 
 import io
-import os
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 import numpy as np
+import torch
 
-from ..agent import Agent, ParameterSignature, check_same_model
-from ..checkpoint import write_atomic
+from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..errors import UsageError
 from ..runtime import horovod_binding
-from ..strategies.base import RunnerState
 from ..strategies.config import Strategy, Sync
 
 __all__ = ["TorchAgent"]
-
-import torch  # noqa: E402  (after the package imports: hvdagents must import without torch)
-
-#: Root rank whose model and optimizer state every rank starts from.
-ROOT_RANK = 0
 
 
 class TorchAgent(Agent):
@@ -144,37 +137,15 @@ class TorchAgent(Agent):
         state = self._hvd.broadcast_object(state, root_rank=ROOT_RANK, name="hvdagents.optimizer")
         self.optimizer.load_state_dict(state)
 
-    def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
-        """Rank 0 writes model, optimizer, strategy state and ``extra`` atomically (temp file,
-        then rename). Other ranks return at once. Not collective."""
-        self._check_open()
-        if not self.context.is_root:
-            return
-        payload = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "strategy_state": self.runner_state.to_dict(),
-            "extra": extra,
-        }
-        write_atomic(path, lambda handle: torch.save(payload, handle))
+    def _framework_state(self) -> Any:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Collective: rank 0 reads ``path`` and every rank resumes from it; returns the
-        ``extra`` values saved with it. A missing or unreadable file raises on every rank."""
-        self._check_open()
-        payload: Any = None
-        error = None
-        if self.context.is_root:
-            try:
-                with open(path, "rb") as handle:
-                    payload = torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=False)
-            except (OSError, RuntimeError, EOFError) as err:
-                error = f"cannot read checkpoint {os.fspath(path)!r}: {err}"
-        error = self._hvd.broadcast_object(error, root_rank=ROOT_RANK, name="hvdagents.ckpt.error")
-        if error:
-            raise FileNotFoundError(error)
-        payload = self._hvd.broadcast_object(payload, root_rank=ROOT_RANK, name="hvdagents.ckpt")
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self._runner.state = RunnerState.from_dict(payload["strategy_state"])
-        return dict(payload["extra"])
+    def _restore_framework_state(self, state: Any) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
+        torch.save(payload, handle)
+
+    def _read_payload(self, handle: IO[bytes]) -> dict:
+        return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=False)

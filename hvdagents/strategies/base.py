@@ -75,6 +75,10 @@ class Runner(ABC):
     def after_step(self, params: ParameterAccess) -> None:
         """Called after every local optimizer step; the runner counts steps itself."""
 
+    def reseed(self, params: ParameterAccess) -> None:
+        """Collective: the model was replaced on every rank (a checkpoint was loaded); shared
+        state the runner keeps beside the model (an RMA store) must start again from it."""
+
     def finish(self, params: ParameterAccess) -> None:
         """Collective: called once on every rank; leaves one consensus model everywhere."""
 
