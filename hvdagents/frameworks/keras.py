@@ -12,9 +12,9 @@ import os
 import pickle
 from typing import IO, Any, Mapping, Sequence
 
-import keras  # noqa: E402  (hvdagents itself must import without TensorFlow)
+import keras
 import numpy as np
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..errors import UsageError
