@@ -19,6 +19,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -112,7 +113,7 @@ class SlurmCluster:
         self.env = env
 
     # ---- life cycle ------------------------------------------------------------------------
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         self.start()
         return self
 
@@ -278,9 +279,21 @@ class SlurmCluster:
                 "",
             ])
         )
-        # Counted GPUs without device files: SLURM allocates them, nothing is bound.
+        # Stand-in GPUs: SLURM wants a character device per GPU, so each is a copy of
+        # /dev/null (made with mknod, as root). SLURM allocates them and sets
+        # CUDA_VISIBLE_DEVICES; nothing reads or writes them.
+        devices = self.root / "dev"
+        devices.mkdir(exist_ok=True)
+        null = os.stat("/dev/null").st_rdev
+        for index in range(NODE_GPUS):
+            path = devices / f"gpu{index}"
+            try:
+                os.mknod(path, stat.S_IFCHR | 0o666, null)
+            except OSError as exc:
+                raise SlurmUnavailable(f"cannot make the stand-in GPU device {path}: {exc}") from exc
         (self.conf.parent / "gres.conf").write_text(
-            f"AutoDetect=off\nNodeName={node} Name=gpu Count={NODE_GPUS}\n"
+            f"AutoDetect=off\nNodeName={node} Name=gpu File={devices}/gpu[0-{NODE_GPUS - 1}]"
+            " Flags=nvidia_gpu_env\n"
         )
 
     def _start_munge(self) -> None:
