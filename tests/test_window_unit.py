@@ -152,3 +152,9 @@ def test_clock_ticks_retires_and_waits_alone():
         assert c.retired and c.clocks().tolist() == [RETIRED]
         with pytest.raises(UsageError, match="tick.. was called after retire"):
             c.tick()
+
+
+def test_public_name():
+    import hvdagents as hva
+
+    assert hva.ParameterWindow is ParameterWindow
