@@ -25,7 +25,8 @@ from hvdagents.metrics import MetricsLog  # noqa: E402
 
 def report(ctx, **event) -> None:
     if ctx.is_root:
-        print("RESULT " + json.dumps(event), flush=True)
+        sys.stdout.write("RESULT " + json.dumps(event) + "\n")  # one write: never split
+        sys.stdout.flush()
 
 
 def main() -> int:

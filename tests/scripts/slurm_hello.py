@@ -42,7 +42,9 @@ def main() -> int:
             rma_total = int(out[0])
         comm.Barrier()
         win.Free()
-    print("RESULT " + json.dumps({
+    # One write per line: with unbuffered output, print() writes the text and the newline
+    # separately and another rank's line can land in between.
+    sys.stdout.write("RESULT " + json.dumps({
         "rank": ctx.rank,
         "size": ctx.size,
         "local_rank": ctx.local_rank,
@@ -54,7 +56,8 @@ def main() -> int:
         "job_id": os.environ.get("SLURM_JOB_ID"),
         "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "argv": rest,
-    }), flush=True)
+    }) + "\n")
+    sys.stdout.flush()
     return 0
 
 
