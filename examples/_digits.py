@@ -28,6 +28,7 @@ def parser(description: str, default_strategy: str = "sync") -> argparse.Argumen
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=32, help="per rank")
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--compression", choices=["fp16"], default=None, help="Sync only: fp16 on the wire")
     p.add_argument("--period", type=int, default=4, help="steps between exchanges (not Sync)")
     p.add_argument("--alpha", type=float, default=0.5, help="EASGD elasticity")

@@ -19,8 +19,8 @@ from hvdagents.metrics import MetricsLog
 import _digits
 
 
-def main() -> None:
-    args = _digits.parser(__doc__.splitlines()[0]).parse_args()
+def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
+    args = _digits.parser(__doc__.splitlines()[0], default_strategy).parse_args(argv)
     ctx = hva.init()
     import keras
 
@@ -33,7 +33,7 @@ def main() -> None:
         keras.layers.Dense(10, name="logits"),
     ])
     model.compile(
-        optimizer=keras.optimizers.SGD(args.lr, momentum=0.9),
+        optimizer=keras.optimizers.SGD(args.lr, momentum=args.momentum),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )

@@ -31,14 +31,14 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
-def main() -> None:
-    args = _digits.parser(__doc__.splitlines()[0]).parse_args()
+def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
+    args = _digits.parser(__doc__.splitlines()[0], default_strategy).parse_args(argv)
     ctx = hva.init()
     torch.manual_seed(args.seed + ctx.rank)  # differs per rank: the agent broadcasts rank 0's
     x_train, y_train, x_test, y_test = _digits.load()
     x, y = _digits.my_shard(x_train, y_train, ctx)
     model = build_model()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     agent = hva.TorchAgent(model, optimizer, strategy=_digits.strategy_from(args))
     start_epoch = 0
     if args.resume and args.checkpoint and os.path.exists(args.checkpoint):

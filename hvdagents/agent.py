@@ -192,8 +192,8 @@ class Agent(ABC):
         return dict(payload["extra"])
 
     def flat_parameters(self) -> np.ndarray:
-        """A NumPy copy of this rank's model parameters, in the model's dtype. Local."""
-        self._check_open()
+        """A NumPy copy of this rank's model parameters, in the model's dtype. Local; also
+        after :meth:`close`, when every rank holds the consensus model."""
         return self.get_flat()
 
     def close(self) -> None:

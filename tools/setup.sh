@@ -20,6 +20,8 @@ TORCH_VERSION=2.13.0
 TF_VERSION=2.21.0
 
 log() { printf '[setup] %s\n' "$*" >&2; }
+# pip, without the warnings this machine's pip configuration prints for absent local indexes.
+pip_install() { "$PY" -m pip install -q "$@" 2>&1 | { grep -v 'is ignored: it is neither' || true; }; }
 
 # --- 1. MPI -------------------------------------------------------------------------------
 have_mpi() { command -v mpirun >/dev/null 2>&1 && command -v mpicc >/dev/null 2>&1; }
@@ -51,10 +53,10 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$RECIPE_HASH" ] \
 fi
 
 log "installing frameworks into $VENV"
-"$PY" -m pip install -q --upgrade pip wheel 'setuptools<81'
-"$PY" -m pip install -q "torch==$TORCH_VERSION" "tensorflow-cpu==$TF_VERSION"
+pip_install --upgrade pip wheel 'setuptools<81'
+pip_install "torch==$TORCH_VERSION" "tensorflow-cpu==$TF_VERSION"
 # mpi4py compiles against the MPI found above.
-"$PY" -m pip install -q mpi4py numpy scikit-learn pytest tqdm matplotlib gymnasium ruff \
+pip_install mpi4py numpy scikit-learn pytest pytest-timeout tqdm matplotlib gymnasium ruff \
     cloudpickle psutil pyyaml packaging cffi
 
 # --- 3. Horovod ---------------------------------------------------------------------------------
@@ -63,6 +65,6 @@ if ! "$PY" -c 'import horovod.torch, horovod.tensorflow' 2>/dev/null; then
 fi
 
 # --- 4. hvdagents -----------------------------------------------------------------------------
-"$PY" -m pip install -q --no-deps --no-build-isolation -e .
+pip_install --no-deps --no-build-isolation -e .
 echo "$RECIPE_HASH" > "$STAMP"
 log "done: $("$PY" -c 'import horovod, torch, tensorflow as tf, mpi4py; print("horovod", horovod.__version__, "torch", torch.__version__, "tf", tf.__version__, "mpi4py", mpi4py.__version__)' 2>/dev/null)"
