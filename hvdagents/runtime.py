@@ -101,18 +101,28 @@ def detect_launcher(env: Mapping[str, str]) -> str:
     return "python"
 
 
-def check_launch(env: Mapping[str, str], mpi_size: int) -> None:
+#: Variables a process manager sets for MPI (PMIx, PMI-1/2, Open MPI's mpirun); a SLURM step
+#: with none of them was started by srun without an MPI plugin.
+_PMI_VARIABLES = ("PMIX_RANK", "PMI_RANK", "PMI_FD", "OMPI_COMM_WORLD_SIZE")
+
+
+def check_launch(env: Mapping[str, str], mpi_size: int | None) -> None:
     """Refuse the classic launch mistakes with an error that names the fix.
 
-    Pure: reads ``env`` and the MPI world size only.
+    Pure: reads ``env`` and the MPI world size only. ``mpi_size=None`` is the check made
+    before MPI is initialised: Open MPI itself aborts in ``MPI_Init`` under ``srun`` without
+    ``--mpi=pmix``, so that mistake must be caught from the environment first.
     """
     step_tasks = _int(env, "SLURM_STEP_NUM_TASKS")
-    if mpi_size == 1 and step_tasks is not None and step_tasks > 1:
+    no_pmi = not any(name in env for name in _PMI_VARIABLES)
+    if step_tasks is not None and step_tasks > 1 and (mpi_size == 1 or (mpi_size is None and no_pmi)):
         raise LauncherError(
             f"SLURM started {step_tasks} tasks but MPI sees a world of one in each: every task "
             "is running alone. Launch with 'srun --mpi=pmix ...' (or set "
             "SLURM_MPI_TYPE=pmix), or use mpirun inside the allocation."
         )
+    if mpi_size is None:
+        return
     hvd_size = _int(env, "HOROVOD_SIZE")
     if mpi_size == 1 and hvd_size is not None and hvd_size > 1:
         if detect_launcher(env) != "horovodrun-gloo":
@@ -156,6 +166,8 @@ def init() -> Context:
     with _lock:
         if _context is not None:
             return _context
+        env = os.environ
+        check_launch(env, None)
         import mpi4py
 
         mpi4py.rc.thread_level = "multiple"
@@ -168,7 +180,6 @@ def init() -> Context:
                 "MPI_THREAD_MULTIPLE. Use an MPI built with thread support (Open MPI >= 3 is), "
                 "and do not initialise MPI before hvdagents with a lower level."
             )
-        env = os.environ
         world = MPI.COMM_WORLD
         check_launch(env, world.Get_size())
         launcher = detect_launcher(env)

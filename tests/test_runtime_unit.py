@@ -36,6 +36,14 @@ def test_srun_without_pmix_is_refused_with_the_fix():
         check_launch({"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_ID": "0", "SLURM_PROCID": "2"}, mpi_size=1)
 
 
+def test_srun_without_pmix_is_caught_before_mpi_init():
+    step = {"SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0", "SLURM_PROCID": "1"}
+    with pytest.raises(hva.LauncherError, match="srun --mpi=pmix"):
+        check_launch(step, mpi_size=None)
+    check_launch({**step, "PMIX_RANK": "1"}, mpi_size=None)  # srun --mpi=pmix
+    check_launch({**step, "OMPI_COMM_WORLD_SIZE": "4"}, mpi_size=None)  # mpirun inside an allocation
+
+
 def test_srun_with_pmix_and_single_task_steps_pass():
     check_launch({"SLURM_STEP_NUM_TASKS": "4"}, mpi_size=4)
     check_launch({"SLURM_STEP_NUM_TASKS": "1"}, mpi_size=1)

@@ -100,12 +100,6 @@ def test_srun_with_pmix_is_one_world(slurm):
     assert sorted(r["local_rank"] for r in results) == [0, 1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Open MPI aborts inside MPI_Init ('OMPI was not built with SLURM's PMI support') "
-    "before hvdagents.runtime.check_launch runs; the runtime needs a check before MPI_Init "
-    "(srun step with >1 tasks and no PMIX_RANK/PMI_RANK in the environment)",
-)
 def test_srun_without_pmix_is_refused_with_the_fix(slurm):
     result = slurm.run(["srun", "-n", "2", sys.executable, str(HELLO)], timeout=60, check=False)
     assert result.returncode != 0
