@@ -15,12 +15,15 @@ import numpy as np
 
 import hvdagents as hva
 from hvdagents.metrics import MetricsLog
+from hvdagents.preemption import PreemptionFlag
 
 import _digits
 
 
 def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
     args = _digits.parser(__doc__.splitlines()[0], default_strategy).parse_args(argv)
+    # SIGUSR1 (SLURM preemption, slurm/requeue.sbatch): checkpoint at the epoch's end, exit 75
+    preempted = PreemptionFlag() if args.checkpoint else None
     ctx = hva.init()
     import keras
 
@@ -48,8 +51,17 @@ def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
             on_epoch_end=lambda epoch, logs: log.log(epoch=epoch + 1, loss=logs["loss"], accuracy=logs["accuracy"]),
             on_train_end=lambda logs: log.close(),
         ))
+    if preempted is not None:  # after the agent's checkpoint callback, which fit() puts first
+
+        def stop_if_preempted(epoch: int, logs: dict) -> None:
+            if preempted.should_stop():  # collective: same answer everywhere
+                model.stop_training = True
+
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=stop_if_preempted))
     agent.fit(x, y, batch_size=args.batch_size, epochs=args.epochs, initial_epoch=start_epoch,
               shuffle=True, verbose=2, callbacks=callbacks, checkpoint=args.checkpoint)
+    if preempted is not None and preempted.should_stop():
+        preempted.exit_for_requeue()
     local_steps = agent.runner_state.step
     agent.close()  # one consensus model on every rank
     steps_per_rank = ctx.comm.gather(local_steps, root=0) if ctx.mpi_world else [local_steps]

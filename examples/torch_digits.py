@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import hvdagents as hva
 from hvdagents.metrics import MetricsLog
+from hvdagents.preemption import PreemptionFlag
 
 import _digits
 
@@ -33,6 +34,8 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
     args = _digits.parser(__doc__.splitlines()[0], default_strategy).parse_args(argv)
+    # SIGUSR1 (SLURM preemption, slurm/requeue.sbatch): checkpoint at the epoch's end, exit 75
+    preempted = PreemptionFlag() if args.checkpoint else None
     ctx = hva.init()
     torch.manual_seed(args.seed + ctx.rank)  # differs per rank: the agent broadcasts rank 0's
     x_train, y_train, x_test, y_test = _digits.load()
@@ -65,6 +68,11 @@ def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
             log.log(epoch=epoch + 1, step=(epoch + 1) * steps, loss=total / steps, accuracy=test_acc)
         if args.checkpoint:
             agent.save_checkpoint(args.checkpoint, epoch=epoch + 1)
+        if preempted is not None and preempted.should_stop():  # collective: same answer everywhere
+            bar.close()
+            if log:
+                log.close()
+            preempted.exit_for_requeue()
     bar.close()
     local_steps = agent.runner_state.step
     agent.close()  # one consensus model on every rank

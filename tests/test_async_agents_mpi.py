@@ -4,6 +4,7 @@ accuracy with 4 ranks for PyTorch and Keras."""
 import re
 
 import pytest
+
 from mpirun import REPO, run_job
 
 BUDGET_S, DELAY_S = "3", "0.05"

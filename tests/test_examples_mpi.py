@@ -32,3 +32,40 @@ def test_sync_example_reaches_95_percent(script, args, tmp_path):
     assert "steps per rank: [" in job.stdout
     rows = csv.read_text().strip().splitlines()
     assert rows[0].startswith("epoch,") and len(rows) == 1 + 12  # header + one row per epoch, rank 0 only
+
+
+@pytest.mark.parametrize("script", ["torch_digits.py", "keras_digits.py"])
+def test_sigusr1_checkpoints_exits_for_requeue_and_resume_continues(script, tmp_path):
+    """What slurm/requeue.sbatch relies on: USR1 -> checkpoint -> exit 75 -> --resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mpirun import JOB_ENV, mpirun_command
+
+    ckpt, csv = tmp_path / "run.ckpt", tmp_path / "run.csv"
+    common = ["--checkpoint", str(ckpt), "--csv", str(csv)]
+    env = dict(os.environ, **JOB_ENV)
+    proc = subprocess.Popen([*mpirun_command(2), sys.executable, str(EXAMPLES / script), *common,
+                             "--epochs", "500"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ckpt.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert ckpt.exists(), "no checkpoint written"
+        proc.send_signal(signal.SIGUSR1)  # mpirun forwards USR1 to every rank
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 75
+    stopped_at = len(csv.read_text().strip().splitlines()) - 1
+    assert 1 <= stopped_at < 500
+    job = run_job(EXAMPLES / script, np=2, args=[*common, "--resume", "--epochs", str(stopped_at + 2)], timeout=180)
+    assert final_accuracy(job) > 0.5
+    epochs = [int(row.split(",")[0]) for row in csv.read_text().strip().splitlines()[1:]]
+    assert epochs == list(range(1, stopped_at + 3))  # continued where it stopped, every epoch once
