@@ -1,0 +1,1 @@
+"""MPI worker scripts the benchmarks launch (``mpirun ... python bench/workers/<name>.py``)."""

@@ -1,0 +1,41 @@
+"""Helpers for the MPI worker scripts: result lines, timing, command-line settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable
+
+__all__ = ["emit", "timed", "mlp_dims", "RESULT_TAG"]
+
+#: Must match :data:`bench._common.RESULT_TAG` (not imported: workers stay light).
+RESULT_TAG = "BENCH"
+
+
+def emit(obj: Any) -> None:
+    """Print ``BENCH {json}`` as one write(2), so lines of several ranks never interleave."""
+    os.write(1, f"{RESULT_TAG} {json.dumps(obj)}\n".encode())
+
+
+def timed(comm: Any, body: Callable[[], None]) -> float:
+    """Collective: barrier, run ``body``, barrier; the slowest rank's wall time in seconds."""
+    comm.Barrier()
+    start = time.perf_counter()
+    body()
+    comm.Barrier()
+    return comm.allreduce(time.perf_counter() - start, op=_max())
+
+
+def _max() -> Any:
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def mlp_dims(text: str) -> list[int]:
+    """``"1024,2048,10"`` -> ``[1024, 2048, 10]`` (layer widths, input first)."""
+    dims = [int(d) for d in text.split(",")]
+    if len(dims) < 2 or min(dims) < 1:
+        raise ValueError(f"MLP dims need at least two positive widths; got {text!r}")
+    return dims

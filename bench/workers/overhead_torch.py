@@ -1,0 +1,95 @@
+"""TorchAgent(Sync) against the bare ``horovod.torch.DistributedOptimizer`` loop, interleaved.
+
+Both loops train their own copy of the same MLP on the same fixed batch, in one MPI job, in
+alternating order (ours, bare, bare, ours, ...), so both see the same machine state. Rank 0
+prints the steps per second of every repetition.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import horovod.torch as hvd
+import torch
+from mpi4py import MPI  # mpi4py initialises MPI at MPI_THREAD_MULTIPLE, as Horovod needs
+
+import hvdagents as hva
+from bench.workers._util import emit, mlp_dims, timed
+
+LR = 0.01
+MOMENTUM = 0.9
+SEED = 0
+
+
+def build(dims: list[int]) -> torch.nn.Module:
+    torch.manual_seed(SEED)
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dims", type=mlp_dims, required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--reps", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=3)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD
+    hvd.init(comm=comm)
+    gen = torch.Generator().manual_seed(SEED + comm.Get_rank())
+    x = torch.randn(args.batch, args.dims[0], generator=gen)
+    y = torch.randint(0, args.dims[-1], (args.batch,), generator=gen)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    # bare Horovod, as its documentation writes it
+    bare_model = build(args.dims)
+    bare_opt = torch.optim.SGD(bare_model.parameters(), lr=LR, momentum=MOMENTUM)
+    hvd.broadcast_parameters(bare_model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(bare_opt, root_rank=0)
+    bare_opt = hvd.DistributedOptimizer(bare_opt, named_parameters=bare_model.named_parameters())
+
+    def bare_step() -> None:
+        bare_opt.zero_grad()
+        loss_fn(bare_model(x), y).backward()
+        bare_opt.step()
+
+    # hvdagents
+    our_model = build(args.dims)
+    our_opt = torch.optim.SGD(our_model.parameters(), lr=LR, momentum=MOMENTUM)
+    agent = hva.TorchAgent(our_model, our_opt, strategy=hva.Sync())
+
+    def our_step() -> None:
+        our_opt.zero_grad()
+        loss_fn(our_model(x), y).backward()
+        agent.step()
+
+    variants = {"ours": our_step, "bare": bare_step}
+    for step in variants.values():
+        for _ in range(args.warmup):
+            step()
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(args.reps):
+        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        for name in order:
+            step = variants[name]
+
+            def body(step=step) -> None:
+                for _ in range(args.steps):
+                    step()
+
+            rates[name].append(args.steps / timed(comm, body))
+    params = sum(p.numel() for p in our_model.parameters())
+    agent.close()
+    if comm.Get_rank() == 0:
+        emit({"framework": "torch", "ranks": comm.Get_size(), "parameters": params, "dims": args.dims,
+              "batch": args.batch, "steps": args.steps, "steps_per_s": rates})
+
+
+if __name__ == "__main__":
+    main()
