@@ -46,3 +46,10 @@ def test_async_example_reaches_93_percent_on_4_ranks(framework, strategy):
     assert float(accuracy) >= 0.93, job.stdout[-2000:]
     (steps,) = re.findall(r"steps per rank: \[([0-9, ]+)\]", job.stdout)
     assert len(steps.split(",")) == 4 and all(int(s) > 0 for s in steps.split(","))
+
+
+def test_cartpole_actor_learners_improve_through_the_store():
+    job = run_job(REPO / "examples" / "async_cartpole.py", np=4, args=["--episodes", "60"], timeout=300).check()
+    (first, last), = re.findall(r"first ([0-9.]+) -> last ([0-9.]+)", job.stdout)
+    assert float(last) >= 2 * float(first), job.stdout  # the moving-average return rises
+    assert job.stdout.count("moving-average return") >= 3  # rank 0 reports as it goes, alone
