@@ -22,8 +22,9 @@ def final_accuracy(job) -> float:
         ("torch_digits.py", []),
         ("torch_digits.py", ["--compression", "fp16"]),
         ("keras_digits.py", []),
+        ("keras_digits.py", ["--compression", "fp16"]),
     ],
-    ids=["torch-sync", "torch-sync-fp16", "keras-sync"],
+    ids=["torch-sync", "torch-sync-fp16", "keras-sync", "keras-sync-fp16"],
 )
 def test_sync_example_reaches_95_percent(script, args, tmp_path):
     csv = tmp_path / "run.csv"

@@ -8,6 +8,7 @@ itself). ``python`` blocks: each runs under ``mpirun -np 2``.
 import re
 
 import pytest
+
 from mpirun import REPO, run_command, run_job
 
 README = (REPO / "README.md").read_text()
