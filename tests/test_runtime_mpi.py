@@ -1,5 +1,7 @@
 """hva.init() under each launcher, and failure handling, with real MPI jobs."""
 
+import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,6 +16,16 @@ from mpirun import JOB_ENV, SCRIPTS, mpirun_command, run_command, run_job
 def contexts(job):
     job.check()
     return sorted(job.results(), key=lambda r: r["rank"])
+
+
+def horovodrun_results(job):
+    """RESULT objects from horovodrun's output, whose lines carry a '[rank]<stdout>:' prefix."""
+    job.check()
+    found = [json.loads(line.split("RESULT ", 1)[1]) for line in job.stdout.splitlines() if "RESULT " in line]
+    return sorted(found, key=lambda r: r["rank"])
+
+
+HOROVODRUN = shutil.which("horovodrun", path=str(SCRIPTS.parents[1] / ".venv" / "bin")) or "horovodrun"
 
 
 @pytest.mark.parametrize("np_", [2, 4])
@@ -38,14 +50,9 @@ def test_plain_python_is_a_world_of_one():
 
 
 def test_init_under_horovodrun_mpi():
-    horovodrun = shutil.which("horovodrun", path=str(SCRIPTS.parents[1] / ".venv" / "bin")) or "horovodrun"
-    job = run_command([horovodrun, "-np", "2", "--mpi", sys.executable, str(SCRIPTS / "report_context.py"),
+    job = run_command([HOROVODRUN, "-np", "2", "--mpi", sys.executable, str(SCRIPTS / "report_context.py"),
                        "--horovod"], timeout=120)
-    job.check()
-    lines = [line.split("RESULT ", 1)[1] for line in job.stdout.splitlines() if "RESULT " in line]
-    import json
-
-    found = sorted((json.loads(x) for x in lines), key=lambda r: r["rank"])
+    found = horovodrun_results(job)
     assert [(c["rank"], c["size"], c["launcher"], c["mpi_world"]) for c in found] == [
         (0, 2, "horovodrun", True), (1, 2, "horovodrun", True)]
     assert all(c["hvd_torch"][:2] == [c["rank"], 2] for c in found)
@@ -66,8 +73,6 @@ def test_a_crashing_rank_ends_a_job_waiting_in_horovod():
 
 
 def test_sigterm_to_mpirun_ends_the_job_quickly(tmp_path):
-    import os
-
     env = dict(os.environ, **JOB_ENV)
     cmd = [*mpirun_command(2), sys.executable, "-c",
            "import hvdagents as h, time; c = h.init(); print('up', c.rank, flush=True); "
@@ -103,3 +108,14 @@ def test_models_that_differ_between_ranks_are_refused(framework):
     assert "differs between ranks" in out and "rank(s) 1" in out
     assert "hidden" in out or "0.weight" in out
     assert "was not refused" not in out
+
+
+def test_horovodrun_gloo_runs_sync_and_refuses_async():
+    job = run_command([HOROVODRUN, "-np", "2", "--gloo", sys.executable, str(SCRIPTS / "gloo_agents.py")],
+                      timeout=120)
+    found = horovodrun_results(job)
+    assert [(c["rank"], c["size"], c["launcher"], c["mpi_world"], c["hvd"]) for c in found] == [
+        (0, 2, "horovodrun-gloo", False, [0, 2]), (1, 2, "horovodrun-gloo", False, [1, 2])]
+    assert all(c["identical"] for c in found)
+    for c in found:
+        assert "horovodrun --gloo" in c["refused"] and "mpirun" in c["refused"], c["refused"]
