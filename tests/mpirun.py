@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -86,21 +87,30 @@ def run_command(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
 ) -> JobResult:
-    """Run ``command`` in its own process group; kill the group on timeout."""
-    import time
-
+    """Run ``command`` with :data:`JOB_ENV` and this venv first on ``PATH``; see :func:`run_in_env`."""
     full_env = dict(os.environ)
     full_env.update(JOB_ENV)
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     if env:
         full_env.update(env)
+    return run_in_env(command, full_env, timeout=timeout, cwd=cwd)
+
+
+def run_in_env(
+    command: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    timeout: float,
+    cwd: str | os.PathLike | None = None,
+) -> JobResult:
+    """Run ``command`` with exactly ``env`` in its own process group; kill the group on timeout."""
     started = time.monotonic()
     proc = subprocess.Popen(
         list(command),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=full_env,
+        env=dict(env),
         cwd=str(cwd or REPO),
         start_new_session=True,
     )

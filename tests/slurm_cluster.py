@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mpirun import JOB_ENV, REPO, JobResult  # noqa: E402
+from mpirun import JOB_ENV, REPO, JobResult, run_in_env  # noqa: E402
 
 __all__ = ["SlurmCluster", "SlurmUnavailable", "install_slurm", "DAEMONS"]
 
@@ -178,20 +178,7 @@ class SlurmCluster:
         full_env = dict(self.env)
         if env:
             full_env.update(env)
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            list(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=full_env, cwd=str(cwd or REPO), start_new_session=True,
-        )
-        timed_out = False
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-        result = JobResult(list(command), proc.returncode, stdout, stderr, timed_out,
-                           time.monotonic() - started)
+        result = run_in_env(command, full_env, timeout=timeout, cwd=cwd)
         return result.check() if check else result
 
     def sbatch(self, script: str | os.PathLike, *options: str, env: Mapping[str, str] | None = None) -> int:
