@@ -39,3 +39,8 @@ def test_fp16_compression_is_applied_and_stays_close(checks):
 
 def test_backward_passes_per_step_accumulates_before_one_allreduce(checks):
     assert checks["backward_passes"]["max_rel"] < 1e-10
+
+
+def test_zero_grad_between_backward_and_step_is_explained(checks):
+    message = checks["zero_grad_misuse"]["message"]
+    assert "zero_grad() was called after loss.backward() but before agent.step()" in message

@@ -83,14 +83,14 @@ class TorchAgent(Agent):
         for the asynchronous ones: no other rank needs to take part)."""
         self._check_open()
         if self._hvd_optimizer is not None:
-            pending = [p for p in self._hvd_optimizer._handles if isinstance(p, torch.Tensor) and p.grad is None]
-            if pending:
+            try:
+                self._hvd_optimizer.synchronize()
+            except AttributeError as err:  # Horovod writes the averages into p.grad, now None
                 raise UsageError(
                     "optimizer.zero_grad() was called after loss.backward() but before agent.step(): "
                     "the gradients being averaged were dropped. Call zero_grad() before backward(), "
                     "or after agent.step()."
-                )
-            self._hvd_optimizer.synchronize()
+                ) from err
         result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self._after_local_step()
         return result

@@ -117,3 +117,16 @@ for s in range(STEPS):
         (torch.nn.functional.mse_loss(model7(xb[half]), yb[half]) / 2).backward()
     agent7.step()
 report("backward_passes", max_rel=float(np.max(np.abs(flat(model7) - sync_params)) / np.max(np.abs(sync_params))))
+
+# 8. zero_grad() between backward() and step() is explained, not an AttributeError
+model8 = make_model(seed=1)
+optimizer8 = torch.optim.SGD(model8.parameters(), lr=LR)
+agent8 = hva.TorchAgent(model8, optimizer8, strategy=hva.Sync())
+torch.nn.functional.mse_loss(model8(X[:4]), Y[:4]).backward()
+optimizer8.zero_grad()
+try:
+    agent8.step()
+    message = "no error"
+except hva.UsageError as err:
+    message = str(err)
+report("zero_grad_misuse", message=message)
