@@ -24,12 +24,13 @@ TIMEOUT_S = {False: 300, True: 90}
 FLOAT_BYTES = 4
 
 #: Bytes moved by one operation of each phase, in vectors (push+pull moves two).
-VECTORS_PER_OP = {"memcpy": 1, "push": 1, "pull": 1, "push_pull": 2, "server": 2}
+VECTORS_PER_OP = {"memcpy": 1, "push": 1, "pull": 1, "push_pull": 2, "push_pull_beside_hvd": 2, "server": 2}
 LABELS = {
     "memcpy": "memcpy (np.copyto) on every rank",
     "push": "ParameterWindow.push (Accumulate SUM)",
     "pull": "ParameterWindow.pull (Get_accumulate NO_OP)",
     "push_pull": "ParameterWindow push + pull (one update)",
+    "push_pull_beside_hvd": "ParameterWindow push + pull, Horovod initialised (as in an agent)",
     "server": "two-sided server: Send update, Recv parameters",
 }
 
@@ -106,7 +107,7 @@ def plot(payload: dict[str, Any], path: Path) -> Path:
         ax.bar([j + i * width for j in range(len(keys))], med, width, yerr=err, capsize=3,
                label=f"{w['ranks']} ranks")
     ax.set_xticks([j + width * (len(payload["worlds"]) - 1) / 2 for j in range(len(keys))],
-                  [k.replace("_", "+") for k in keys])
+                  [k.replace("push_pull", "push+pull").replace("_beside_hvd", "\n+hvd") for k in keys], fontsize=8)
     ax.set_ylabel("GB/s, summed over ranks")
     ax.set_title(f"Parameter store, {payload['vector_bytes'] / 1e6:.0f} MB vector (median, min–max)", fontsize=10)
     ax.legend(fontsize=8)

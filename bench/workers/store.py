@@ -6,6 +6,8 @@ order within each repetition:
 - ``memcpy``: ``np.copyto`` of the vector on every rank at once (the machine's copy bandwidth);
 - ``push`` / ``pull`` / ``push_pull``: ``ParameterWindow.push`` and ``.pull`` of the whole
   vector from every rank (one-sided; the store is sharded over all ranks);
+- ``push_pull_beside_hvd``: ``push_pull`` with Horovod's torch binding initialised, as inside a
+  TorchAgent (Horovod's background thread polls MPI even when idle);
 - ``server``: a two-sided parameter server written the way mpi_learn/NNLO did it: rank 0
   loops on ``Recv(source=ANY_SOURCE)``, adds the update to its vector and ``Send``s the
   vector back; the other ranks are workers sending an update and receiving the parameters.
@@ -29,6 +31,8 @@ from bench.workers._util import emit
 #: Message tags of the two-sided server.
 TAG_UPDATE, TAG_PARAMS, TAG_STOP = 1, 2, 3
 SERVER = 0
+#: Length of the untimed warm-up run of every phase, in seconds.
+WARMUP_S = 0.2
 #: Size of each pushed element: small enough that the vector stays finite.
 DELTA = 1e-7
 
@@ -95,19 +99,34 @@ def main() -> None:
         store.push(delta)
         store.pull(out)
 
-    phases: dict[str, Callable[[], tuple[int, float]]] = {
-        "memcpy": lambda: _loop(lambda: np.copyto(dst, src), args.duration),
-        "push": lambda: _loop(lambda: store.push(delta), args.duration),
-        "pull": lambda: _loop(lambda: store.pull(out), args.duration),
-        "push_pull": lambda: _loop(push_pull, args.duration),
-        "server": lambda: _server(comm, n, args.duration),
+    def beside_horovod(duration: float) -> tuple[int, float]:
+        import horovod.torch as hvd
+
+        hvd.init(comm=comm)
+        comm.Barrier()
+        try:
+            return _loop(push_pull, duration)
+        finally:
+            comm.Barrier()
+            hvd.shutdown()
+
+    phases: dict[str, Callable[[float], tuple[int, float]]] = {
+        "memcpy": lambda d: _loop(lambda: np.copyto(dst, src), d),
+        "push": lambda d: _loop(lambda: store.push(delta), d),
+        "pull": lambda d: _loop(lambda: store.pull(out), d),
+        "push_pull": lambda d: _loop(push_pull, d),
+        "push_pull_beside_hvd": beside_horovod,
+        "server": lambda d: _server(comm, n, d),
     }
     names = list(phases)
+    for name in names:  # untimed: first touch of every buffer, MPI's connection set-up
+        comm.Barrier()
+        phases[name](min(args.duration, WARMUP_S))
     ops_per_s: dict[str, list[float]] = {name: [] for name in names}
     for rep in range(args.reps):
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             comm.Barrier()
-            count, seconds = phases[name]()
+            count, seconds = phases[name](args.duration)
             comm.Barrier()
             ops_per_s[name].append(comm.allreduce(count / seconds, op=MPI.SUM))
     store.close()

@@ -1,0 +1,137 @@
+"""Smoke tests of ``python -m bench``: every benchmark runs in ``--quick`` mode (tiny sizes,
+one repetition, real MPI jobs) and writes well-formed results. No timing thresholds: the
+numbers of a quick run on a shared 2-core machine mean nothing, only their shape does."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: Hard limit for the whole quick run (each MPI job inside has its own, shorter one).
+QUICK_RUN_TIMEOUT = 300
+NAMES = ["overhead", "allreduce", "store", "straggler", "scaling"]
+#: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
+REQUIRED = {
+    "overhead": ["ranks", "target_ratio", "frameworks"],
+    "allreduce": ["ranks", "sizes", "small_tensors", "fit"],
+    "store": ["n", "vector_bytes", "worlds"],
+    "straggler": ["ranks", "target_loss", "summary", "runs"],
+    "scaling": ["nodes", "links_gbit", "alpha", "seconds"],
+}
+MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
+SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
+
+
+def _bench(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", "--out", str(out), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=QUICK_RUN_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    proc = _bench(out, "--quick")
+    assert proc.returncode == 0, f"python -m bench --quick failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return out
+
+
+def _numbers(value, where="$"):
+    """Every (path, number) in a JSON value; booleans are not numbers."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (int, float)):
+        yield where, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _numbers(v, f"{where}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _numbers(v, f"{where}[{i}]")
+
+
+def _spreads(value):
+    """Every median/min/max summary in a JSON value."""
+    if isinstance(value, dict):
+        if "median" in value:
+            yield value
+        for v in value.values():
+            yield from _spreads(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _spreads(v)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quick_run_writes_well_formed_json(quick_out, name):
+    data = json.loads((quick_out / f"{name}.json").read_text())
+    assert data["benchmark"] == name
+    assert data["quick"] is True
+    for key in REQUIRED[name]:
+        assert key in data, f"{name}.json lacks {key!r}"
+    for key in MACHINE_KEYS:
+        assert data["machine"].get(key), f"{name}.json machine record lacks {key!r}"
+    for where, number in _numbers(data):
+        assert math.isfinite(number), f"{name}.json {where} = {number}"
+        assert number >= 0, f"{name}.json {where} = {number}"
+    summaries = list(_spreads(data))
+    if name == "scaling":  # a model, not a measurement: its numbers are the predicted times
+        assert all(t > 0 for curves in data["seconds"].values() for ts in curves.values() for t in ts)
+    else:
+        assert summaries, f"{name}.json has no median/min/max summaries"
+    for s in summaries:
+        assert all(s[k] > 0 for k in SPREAD_KEYS), s
+        assert s["min"] <= s["median"] <= s["max"], s
+    assert (quick_out / f"{name}.png").stat().st_size > 0
+
+
+def test_quick_run_measures_what_it_compares(quick_out):
+    overhead = json.loads((quick_out / "overhead.json").read_text())
+    assert set(overhead["frameworks"]) == {"torch", "keras"}
+    assert set(overhead["frameworks"]["torch"]["ratio_vs_bare"]) == {"ours"}
+    assert set(overhead["frameworks"]["keras"]["ratio_vs_bare"]) == {"ours", "ours_fit"}
+    allreduce = json.loads((quick_out / "allreduce.json").read_text())
+    assert {"hvd", "mpi", "mpi_beside_hvd"} <= set(allreduce["sizes"][0]["bus_bandwidth_Bps"])
+    assert set(allreduce["small_tensors"]["round_s"]) == {"hvd_grouped", "hvd_async", "mpi_each", "mpi_packed"}
+    store = json.loads((quick_out / "store.json").read_text())
+    assert {"push", "pull", "push_pull", "memcpy", "server"} <= set(store["worlds"][0]["ops_per_s"])
+    straggler = json.loads((quick_out / "straggler.json").read_text())
+    assert set(straggler["summary"]) == {"balanced", "straggler ×2"}
+    for cond in straggler["summary"].values():
+        assert set(cond) == {"sync", "downpour", "easgd", "gossip"}
+    for run in straggler["runs"]:
+        assert run["reached_s"] is None or run["reached_s"] > 0, run
+        assert len(run["steps"]) == straggler["ranks"]
+    scaling = json.loads((quick_out / "scaling.json").read_text())
+    assert scaling["alpha"]["source"].startswith("fitted"), "scaling must use the all-reduce fit of the same run"
+
+
+def test_results_markdown_is_a_table_with_every_benchmark(quick_out):
+    text = (quick_out / "RESULTS.md").read_text()
+    assert text.startswith("# hvdagents benchmarks")
+    assert "| benchmark | metric | ours | baseline | ours / baseline |" in text
+    for name in NAMES:
+        assert f"]({name}.png)" in text
+
+
+def test_only_runs_one_benchmark_and_scaling_alone_assumes_alpha(tmp_path):
+    proc = _bench(tmp_path, "--quick", "--only", "scaling")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == ["scaling.json"]
+    data = json.loads((tmp_path / "scaling.json").read_text())
+    assert data["alpha"]["source"].startswith("assumed")
+    assert "| benchmark | metric |" in proc.stdout
+
+
+def test_scaling_formulas():
+    from bench.scaling import ring_time, server_time, store_time
+
+    n, alpha, beta = 1e8, 1e-6, 1e-9
+    assert ring_time(2, n, alpha, beta) == pytest.approx(2 * alpha + n * beta)
+    assert store_time(1024, n, alpha, beta) == pytest.approx(ring_time(1024, n, alpha, beta))
+    assert server_time(1024, n, alpha, beta) == pytest.approx(2 * alpha + 1024 * n * beta)
