@@ -55,8 +55,13 @@ def render_results(out: Path) -> str:
     if not payloads:
         return "# hvdagents benchmarks\n\nNo results yet: run `python -m bench`.\n"
     rows: list[list[str]] = []
+    sections: dict[str, str] = {}
     for name, payload in payloads.items():
-        rows += BENCHMARKS[name].summary_rows(payload)
+        try:
+            rows += BENCHMARKS[name].summary_rows(payload)
+            sections[name] = BENCHMARKS[name].markdown(payload)
+        except (KeyError, TypeError, IndexError):  # a JSON written by an older version of the benchmark
+            sections[name] = f"`{name}.json` has an older layout: rerun `python -m bench --only {name}`."
     first = next(iter(payloads.values()))
     quick = any(p.get("quick") for p in payloads.values())
     dates = sorted({p["machine"]["date_utc"] for p in payloads.values()})
@@ -71,8 +76,8 @@ def render_results(out: Path) -> str:
         "",
         md_table(SUMMARY_HEADERS, rows),
     ]
-    for name, payload in payloads.items():
-        lines += ["", f"## {TITLES[name]}", "", BENCHMARKS[name].markdown(payload)]
+    for name, section in sections.items():
+        lines += ["", f"## {TITLES[name]}", "", section]
         if (out / f"{name}.png").exists():
             lines += ["", f"![{TITLES[name]}]({name}.png)"]
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ latency ``alpha`` of the alpha-beta model (:mod:`bench.scaling`): a least-square
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,8 +88,9 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     fit_points = [s for s in sizes if s["bytes"] <= FIT_MAX_BYTES] or sizes[:2]
     fits = {k: fit_alpha_beta([s["bytes"] for s in fit_points], [s["seconds"][k]["median"] for s in fit_points],
                               ranks) for k in ("mpi", "hvd")}
+    horovod_env = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
     payload = {"ranks": ranks, "quick": quick, "job_s": job.seconds, "sizes": sizes, "small_tensors": small,
-               "fit": fits}
+               "fit": fits, "horovod_env": horovod_env}
     write_json(out, NAME, payload)
     plot(payload, out / f"{NAME}.png")
     return payload
@@ -143,9 +145,27 @@ def markdown(payload: dict[str, Any]) -> str:
         + md_table(["path", "ms per round", "bus GB/s", "speed-up vs one Allreduce per tensor"], small_rows)
         + f"\n\nLatency fit through sizes ≤ {_size_label(fm['max_bytes'])} (t = 2(p−1)α + 2(p−1)/p·n·β): "
         f"mpi4py α = {fm['alpha_s'] * 1e6:.1f} µs, β = {fm['beta_s_per_byte'] * 1e9:.3f} ns/B; "
-        f"Horovod α = {fh['alpha_s'] * 1e6:.1f} µs (Horovod's α includes its background thread's negotiation "
-        "cycle, a fixed cost per all-reduce rather than per ring step)."
+        f"Horovod α = {fh['alpha_s'] * 1e6:.1f} µs. Horovod's small-message time is its negotiation cycle "
+        f"(`HOROVOD_CYCLE_TIME`, here {payload['horovod_env'].get('HOROVOD_CYCLE_TIME') or 'the default'}): "
+        "the background thread starts pending all-reduces once per cycle, a fixed cost per all-reduce "
+        "rather than per ring step (see `bench/README.md`)."
+        + " " + _fusion_note(payload)
     )
+
+
+def _fusion_note(payload: dict[str, Any]) -> str:
+    """What the small-tensor numbers say about fusion (worded from the measured medians)."""
+    rt = payload["small_tensors"]["round_s"]
+    count = payload["small_tensors"]["count"]
+    network = (f" Over a network (α of 2–50 µs per message, 2α per 2-rank all-reduce) {count} separate calls "
+               f"would cost {count * 2 * 2e-3:.1f}–{count * 2 * 50e-3:.0f} ms of latency alone, which one fused "
+               "all-reduce avoids.")
+    if rt["hvd_grouped"]["median"] > rt["mpi_each"]["median"]:
+        return (f"Fusion through Horovod does not pay on this machine: shared-memory MPI latency is a few µs, so "
+                f"{count} separate `Allreduce`s cost less than one Horovod cycle"
+                + ("; packing by hand beats both." if rt["mpi_packed"]["median"] < rt["mpi_each"]["median"] else ".")
+                + network)
+    return " Fusion pays even on shared memory here." + network
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:

@@ -22,7 +22,7 @@ TARGET_RATIO = 0.98
 
 #: ~10.5M parameters: 1024*2048 + 2*2048*2048 + 2048*10 weights plus biases.
 FULL = {"dims": "1024,2048,2048,2048,10", "batch": 32, "warmup": 3,
-        "torch": {"steps": 20, "reps": 11}, "keras": {"steps": 10, "reps": 7}}
+        "torch": {"steps": 20, "reps": 15}, "keras": {"steps": 10, "reps": 9}}
 QUICK = {"dims": "64,128,10", "batch": 16, "warmup": 1,
          "torch": {"steps": 3, "reps": 1}, "keras": {"steps": 3, "reps": 1}}
 TIMEOUT_S = {False: 600, True: 120}

@@ -2,9 +2,13 @@
 
 Every (straggler, strategy) run of every repetition happens in this one MPI job, in rotating
 order: a fresh MLP (same seed), a fresh TorchAgent, training until rank 0's model reaches
-``--target-loss`` on the held-out digits or ``--budget`` seconds pass. With a straggler, the
-last rank sleeps before each step as long as its previous step's compute took (forward,
-backward, local update), so it runs at about half speed.
+``--target-loss`` on the held-out digits or ``--budget`` seconds pass.
+
+Every step also sleeps ``--device-ms`` after the backward pass: simulated accelerator time.
+Four ranks share two cores here, so real compute contends for the CPU, and a rank that sleeps
+would speed the others up; a sleep stands for a device of each rank's own, which does not. With
+a straggler, the last rank sleeps before each step as long as its previous step's compute took
+(forward, backward, simulated device time), so it runs at about half speed.
 
 Rank 0 evaluates its own model every ``EVAL_EVERY`` steps (for Sync the global model; for the
 asynchronous strategies the agent's view, which is what a user would checkpoint). Stopping:
@@ -31,6 +35,8 @@ EVAL_EVERY = 5
 CHECK_EVERY = 5
 #: Tags of the per-run stop messages start here (one tag per run, so runs never mix).
 STOP_TAG_BASE = 100
+#: Settings reported with the results.
+SETTINGS = ("hidden", "batch", "lr", "momentum", "period", "alpha", "device_ms")
 #: Most (time, loss) points of a learning curve kept in the output.
 CURVE_POINTS = 60
 
@@ -75,6 +81,7 @@ def run_one(name: str, straggler: bool, tag: int, data: tuple, args: argparse.Na
     xt, yt = torch.from_numpy(x_test), torch.from_numpy(y_test)
     rng = np.random.default_rng(SEED + rank)
     slow = straggler and rank == size - 1
+    device_s = args.device_ms / 1e3
     curve: list[tuple[float, float]] = []
     reached = None
     last_compute = 0.0
@@ -88,6 +95,7 @@ def run_one(name: str, straggler: bool, tag: int, data: tuple, args: argparse.Na
         idx = rng.integers(0, len(x), args.batch)
         opt.zero_grad()
         loss_fn(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx])).backward()
+        time.sleep(device_s)
         last_compute = time.perf_counter() - t0
         agent.step()
         steps += 1
@@ -137,6 +145,7 @@ def main() -> None:
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--period", type=int, default=4)
     p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--device-ms", type=float, default=10.0, help="simulated accelerator time per step")
     args = p.parse_args()
     torch.set_num_threads(1)
     ctx = hva.init()
@@ -153,7 +162,7 @@ def main() -> None:
                 results.append({"rep": rep, **result})
     if ctx.is_root:
         emit({"ranks": ctx.size, "target_loss": args.target_loss, "budget_s": args.budget,
-              "settings": {k: getattr(args, k) for k in ("hidden", "batch", "lr", "momentum", "period", "alpha")},
+              "settings": {k: getattr(args, k) for k in SETTINGS},
               "runs": results})
 
 
