@@ -18,7 +18,7 @@ QUICK_RUN_TIMEOUT = 300
 NAMES = ["overhead", "allreduce", "store", "straggler", "scaling"]
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
-    "overhead": ["ranks", "target_ratio", "frameworks"],
+    "overhead": ["ranks", "target_ratio", "models"],
     "allreduce": ["ranks", "sizes", "small_tensors", "fit"],
     "store": ["n", "vector_bytes", "worlds"],
     "straggler": ["ranks", "target_loss", "summary", "runs"],
@@ -26,6 +26,8 @@ REQUIRED = {
 }
 MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
 SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
+#: Keys of differences, which noise can make negative.
+SIGNED = {"added_us_per_step"}
 
 
 def _bench(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -42,26 +44,28 @@ def quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _numbers(value, where="$"):
-    """Every (path, number) in a JSON value; booleans are not numbers."""
+    """Every (path, number) in a JSON value, except under SIGNED keys; booleans are not numbers."""
     if isinstance(value, bool):
         return
     if isinstance(value, (int, float)):
         yield where, value
     elif isinstance(value, dict):
         for k, v in value.items():
-            yield from _numbers(v, f"{where}.{k}")
+            if k not in SIGNED:
+                yield from _numbers(v, f"{where}.{k}")
     elif isinstance(value, list):
         for i, v in enumerate(value):
             yield from _numbers(v, f"{where}[{i}]")
 
 
 def _spreads(value):
-    """Every median/min/max summary in a JSON value."""
+    """Every median/min/max summary in a JSON value, except under SIGNED keys."""
     if isinstance(value, dict):
         if "median" in value:
             yield value
-        for v in value.values():
-            yield from _spreads(v)
+        for k, v in value.items():
+            if k not in SIGNED:
+                yield from _spreads(v)
     elif isinstance(value, list):
         for v in value:
             yield from _spreads(v)
@@ -92,9 +96,13 @@ def test_quick_run_writes_well_formed_json(quick_out, name):
 
 def test_quick_run_measures_what_it_compares(quick_out):
     overhead = json.loads((quick_out / "overhead.json").read_text())
-    assert set(overhead["frameworks"]) == {"torch", "keras"}
-    assert set(overhead["frameworks"]["torch"]["ratio_vs_bare"]) == {"ours"}
-    assert set(overhead["frameworks"]["keras"]["ratio_vs_bare"]) == {"ours", "ours_fit"}
+    large = overhead["models"]["large"]
+    assert set(large) == {"torch", "keras"}
+    assert set(large["torch"]["ratio_vs_bare"]) == {"ours"}
+    assert set(large["keras"]["ratio_vs_bare"]) == {"ours", "ours_fit", "model_fit"}
+    for data in large.values():
+        for added in data["added_us_per_step"].values():
+            assert all(math.isfinite(added[k]) for k in SPREAD_KEYS), added
     allreduce = json.loads((quick_out / "allreduce.json").read_text())
     assert {"hvd", "mpi", "mpi_beside_hvd"} <= set(allreduce["sizes"][0]["bus_bandwidth_Bps"])
     assert set(allreduce["small_tensors"]["round_s"]) == {"hvd_grouped", "hvd_async", "mpi_each", "mpi_packed"}

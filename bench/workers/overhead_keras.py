@@ -9,7 +9,9 @@ Three variants train in one MPI job, in rotating order, on the same fixed data:
 - ``ours_fit``: ``agent.fit`` on the same model (Keras' ``model.fit`` with the agent's callbacks),
   one epoch of ``steps`` batches per call. Its rate is timed between the first and the last
   ``on_train_batch_end``, so it is the steady-state rate inside ``fit``; the rest of the call
-  (Keras' set-up: data adapter, iterator, callbacks) is reported apart as ``fit_setup_s``.
+  (Keras' set-up: data adapter, iterator, callbacks) is reported apart as ``fit_setup_s``;
+- ``model_fit``: Keras' own ``model.fit`` on the same model without the agent's callbacks, timed
+  the same way: what ``agent.fit`` adds to Keras' fit loop.
 
 Rank 0 prints the steps per second of every repetition (the slowest rank's).
 """
@@ -105,26 +107,32 @@ def main() -> None:
 
     batch_ends = _BatchClock()
 
-    def fit(n: int) -> None:
+    def agent_fit(n: int) -> None:
         agent.fit(x_np[:n * args.batch], y_np[:n * args.batch], batch_size=args.batch, epochs=1,
                   shuffle=False, verbose=0, callbacks=[batch_ends])
 
-    variants = {"ours": loop(our_train_step), "bare": loop(bare_train_step), "ours_fit": fit}
+    def model_fit(n: int) -> None:
+        our_model.fit(x_np[:n * args.batch], y_np[:n * args.batch], batch_size=args.batch, epochs=1,
+                      shuffle=False, verbose=0, callbacks=[batch_ends])
+
+    variants = {"ours": loop(our_train_step), "bare": loop(bare_train_step), "ours_fit": agent_fit,
+                "model_fit": model_fit}
+    fits = ("ours_fit", "model_fit")
     for run in variants.values():
         run(max(args.warmup, 2))
     rates: dict[str, list[float]] = {name: [] for name in variants}
-    setup: list[float] = []
+    setup: dict[str, list[float]] = {name: [] for name in fits}
     names = list(variants)
     for rep in range(args.reps):
         order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             batch_ends.times.clear()
             seconds = timed(comm, lambda run=variants[name]: run(args.steps))
-            if name == "ours_fit":
+            if name in fits:
                 ends = batch_ends.times
                 inside = comm.allreduce(ends[-1] - ends[0], op=MPI.MAX)
                 rates[name].append((len(ends) - 1) / inside)
-                setup.append(seconds - args.steps * inside / (len(ends) - 1))
+                setup[name].append(seconds - args.steps * inside / (len(ends) - 1))
             else:
                 rates[name].append(args.steps / seconds)
     params = int(sum(np.prod(v.shape) for v in our_model.trainable_variables))
