@@ -60,7 +60,7 @@ def _server(comm: MPI.Comm, n: int, duration: float) -> tuple[int, float]:
         centre = np.zeros(n, np.float32)
         status = MPI.Status()
         start = time.perf_counter()
-        stopped, updates = 0, 0
+        stopped = 0
         while stopped < size - 1:
             comm.Recv(buf, source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status)
             if status.Get_tag() == TAG_STOP:
@@ -68,7 +68,6 @@ def _server(comm: MPI.Comm, n: int, duration: float) -> tuple[int, float]:
                 continue
             centre += buf
             comm.Send(centre, dest=status.Get_source(), tag=TAG_PARAMS)
-            updates += 1
         return 0, time.perf_counter() - start  # the server applies updates; workers count them
     delta = np.full(n, DELTA, np.float32)
 
