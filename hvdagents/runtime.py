@@ -27,6 +27,7 @@ __all__ = [
     "detect_launcher",
     "check_launch",
     "horovod_binding",
+    "pin_gpu",
     "abort",
 ]
 
@@ -234,12 +235,7 @@ def horovod_binding(framework: str) -> ModuleType:
     ctx = init()
     from importlib import import_module
 
-    from . import devices
-
-    if framework == "torch":
-        devices.pin_torch_gpu(ctx.local_rank, ctx.local_size)
-    else:
-        devices.pin_tensorflow_gpu(ctx.local_rank, ctx.local_size)
+    pin_gpu(framework)
     hvd = import_module(_BINDINGS[framework])
     if not hvd.is_initialized():
         if ctx.mpi_world:
@@ -253,6 +249,22 @@ def horovod_binding(framework: str) -> ModuleType:
         )
     _bindings[framework] = hvd
     return hvd
+
+
+_pinned: dict[str, int | None] = {}
+
+
+def pin_gpu(framework: str) -> int | None:
+    """Pin this process to the GPU of its local rank for ``framework`` (once; local).
+
+    Returns the device index among the visible ones, or ``None`` without GPUs."""
+    if framework not in _pinned:
+        from . import devices
+
+        ctx = init()
+        pin = devices.pin_torch_gpu if framework == "torch" else devices.pin_tensorflow_gpu
+        _pinned[framework] = pin(ctx.local_rank, ctx.local_size)
+    return _pinned[framework]
 
 
 def abort(errorcode: int = 1) -> None:

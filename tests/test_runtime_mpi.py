@@ -80,17 +80,19 @@ def test_sigterm_to_mpirun_ends_the_job_quickly(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
-        seen = 0
+        lines: list[str] = []
         deadline = time.monotonic() + 60
-        while seen < 2 and time.monotonic() < deadline:
+        while sum(line.startswith("up") for line in lines) < 2 and time.monotonic() < deadline:
             line = proc.stdout.readline()
-            seen += line.startswith("up")
-        assert seen == 2
+            if not line and proc.poll() is not None:
+                break
+            lines.append(line)
+        assert sum(line.startswith("up") for line in lines) == 2, "".join(lines)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
         assert time.monotonic() - started < 15
-        assert proc.returncode != 0
+        assert proc.returncode != 0, "".join(lines)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

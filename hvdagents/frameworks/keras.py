@@ -62,7 +62,7 @@ class KerasAgent(Agent):
     """
 
     def __init__(self, model: keras.Model, strategy: Strategy | None = None) -> None:
-        super().__init__(strategy)
+        super().__init__(strategy, "tensorflow")
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a keras.Model; got {type(model).__name__}")
         if getattr(model, "optimizer", None) is None:
@@ -78,14 +78,13 @@ class KerasAgent(Agent):
             )
         from ..keras.optimizer import DistributedOptimizer
 
-        self._hvd = horovod_binding("tensorflow")
         self.model = model
         variables = model.trainable_variables
         dtypes = {v.dtype for v in variables}
         if len(dtypes) != 1:
             raise ValueError(f"KerasAgent needs all trainable variables in one dtype; got {sorted(dtypes)}")
         self._dtype = np.dtype(next(iter(dtypes)))
-        check_same_model(self._hvd.allgather_object(self._signature(), name="hvdagents.signature"))
+        check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
         if isinstance(self.strategy, Sync) and not isinstance(model.optimizer, DistributedOptimizer):
             # The same hand-over Keras' compile() makes for LossScaleOptimizer.
             model.optimizer = DistributedOptimizer(model.optimizer, compression=self.strategy.compression)
@@ -94,15 +93,27 @@ class KerasAgent(Agent):
             model.make_train_function(force=True)
         if not model.optimizer.built:
             model.optimizer.build(variables)
-        broadcast_variables(list(model.weights) + list(model.optimizer.variables))
+        self._broadcast_state(list(model.weights) + list(model.optimizer.variables))
         self._start_strategy()
+
+    def _broadcast_state(self, variables: list) -> None:
+        """Collective: rank 0's values of ``variables`` on every rank."""
+        if self._hvd is not None:
+            broadcast_variables(variables)
+            return
+        values = [np.asarray(v.numpy()) for v in variables] if self.context.is_root else None
+        for v, value in zip(variables, self._broadcast_object(values, name="hvdagents.state")):
+            v.assign(value)
 
     # -- training -------------------------------------------------------------------------
     def callbacks(self) -> list[keras.callbacks.Callback]:
-        """The callbacks :meth:`fit` adds, in order: metric averaging, then the strategy step."""
+        """The callbacks :meth:`fit` adds, in order: metric averaging (synchronous strategies
+        only: asynchronous agents do not wait for each other, so each reports its own), then
+        the strategy's step."""
         from ..keras.callbacks import MetricAverageCallback, StrategyCallback
 
-        return [MetricAverageCallback(), StrategyCallback(self)]
+        averaging = [MetricAverageCallback()] if self.strategy.synchronous else []
+        return [*averaging, StrategyCallback(self)]
 
     def fit(self, x: Any = None, y: Any = None, *, callbacks: Sequence[Any] = (), verbose: Any = "auto",
             checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> keras.callbacks.History:

@@ -17,7 +17,6 @@ import torch
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..errors import UsageError
-from ..runtime import horovod_binding
 from ..strategies.config import Strategy, Sync
 
 __all__ = ["TorchAgent"]
@@ -47,12 +46,11 @@ class TorchAgent(Agent):
         optimizer: torch.optim.Optimizer,
         strategy: Strategy | None = None,
     ) -> None:
-        super().__init__(strategy)
+        super().__init__(strategy, "torch")
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
-        self._hvd = horovod_binding("torch")
         self.model = model
         self.optimizer = optimizer
         self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -61,7 +59,7 @@ class TorchAgent(Agent):
         if len(dtypes) != 1:
             raise ValueError(f"TorchAgent needs all trainable parameters in one dtype; got {sorted(map(str, dtypes))}")
         self._dtype = np.dtype(str(next(iter(dtypes))).replace("torch.", ""))
-        check_same_model(self._hvd.allgather_object(self._signature()))
+        check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
         self._broadcast_state()
         self._hvd_optimizer = None
         if isinstance(self.strategy, Sync):
@@ -132,10 +130,13 @@ class TorchAgent(Agent):
 
     def _broadcast_state(self) -> None:
         """Collective: rank 0's parameters, buffers and optimizer state to every rank."""
-        self._hvd.broadcast_parameters(self.model.state_dict(), root_rank=ROOT_RANK)
-        state = self.optimizer.state_dict() if self.context.rank == ROOT_RANK else None
-        state = self._hvd.broadcast_object(state, root_rank=ROOT_RANK, name="hvdagents.optimizer")
-        self.optimizer.load_state_dict(state)
+        if self._hvd is not None:  # in place, tensor by tensor, on the device
+            self._hvd.broadcast_parameters(self.model.state_dict(), root_rank=ROOT_RANK)
+        else:
+            model_state = self.model.state_dict() if self.context.is_root else None
+            self.model.load_state_dict(self._broadcast_object(model_state, name="hvdagents.model"))
+        state = self.optimizer.state_dict() if self.context.is_root else None
+        self.optimizer.load_state_dict(self._broadcast_object(state, name="hvdagents.optimizer"))
 
     def _framework_state(self) -> Any:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

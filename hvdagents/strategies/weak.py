@@ -31,12 +31,13 @@ from .base import ParameterAccess, Runner
 from .config import EASGD, Downpour, Gossip, Strategy
 from .window import SUPPORTED_DTYPES, ClockWindow, ParameterWindow, PeerWindow
 
-__all__ = ["WeakRunner", "DownpourRunner", "EASGDRunner", "GossipRunner", "make_weak_runner"]
+__all__ = ["WeakRunner", "DownpourRunner", "EASGDRunner", "GossipRunner", "make_weak_runner", "mpi_world_comm"]
 
 _NEW, _RUNNING, _FINISHED = "new", "running", "finished"
 
 
-def _mpi_comm() -> Any:
+def mpi_world_comm() -> Any:
+    """``COMM_WORLD``, or a LauncherError naming the fix when the launch has no MPI world."""
     from ..runtime import init
 
     ctx = init()
@@ -90,7 +91,7 @@ class WeakRunner(Runner):
                 f"start() was called on a {self._phase} {type(self).__name__}; a runner starts "
                 "once. Make a new agent (or runner) to train again."
             )
-        self._comm = _mpi_comm()
+        self._comm = mpi_world_comm()
         self._check_world(self._comm.Get_size())
         self._dtype = np.dtype(params.dtype)
         if self._dtype not in SUPPORTED_DTYPES:

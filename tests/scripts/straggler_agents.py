@@ -42,4 +42,5 @@ counts = ctx.comm.gather(steps, root=0)
 identical = ctx.comm.gather(agent.flat_parameters().tobytes(), root=0)
 if ctx.is_root:
     emit({"strategy": strategy_name, "steps": counts, "identical": len(set(identical)) == 1,
-          "finite": bool(np.all(np.isfinite(agent.flat_parameters())))})
+          "finite": bool(np.all(np.isfinite(agent.flat_parameters()))),
+          "horovod_started": "horovod.torch" in sys.modules and sys.modules["horovod.torch"].is_initialized()})
