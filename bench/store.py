@@ -30,7 +30,7 @@ LABELS = {
     "push": "ParameterWindow.push (Accumulate SUM)",
     "pull": "ParameterWindow.pull (Get_accumulate NO_OP)",
     "push_pull": "ParameterWindow push + pull (one update)",
-    "push_pull_beside_hvd": "ParameterWindow push + pull, Horovod initialised (as in an agent)",
+    "push_pull_beside_hvd": "ParameterWindow push + pull beside a live Horovod (a process with a Sync agent)",
     "server": "two-sided server: Send update, Recv parameters",
 }
 

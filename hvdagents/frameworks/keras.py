@@ -110,8 +110,10 @@ class KerasAgent(Agent):
         """The callbacks :meth:`fit` adds, in order: metric averaging (synchronous strategies
         only: asynchronous agents do not wait for each other, so each reports its own), then
         the strategy's step."""
-        from ..keras.callbacks import MetricAverageCallback, StrategyCallback
+        from ..keras.callbacks import MetricAverageCallback, StrategyCallback, SyncStepCounter
 
+        if isinstance(self.strategy, Sync):
+            return [MetricAverageCallback(), SyncStepCounter(self)]
         averaging = [MetricAverageCallback()] if self.strategy.synchronous else []
         return [*averaging, StrategyCallback(self)]
 

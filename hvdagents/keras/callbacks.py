@@ -29,6 +29,7 @@ __all__ = [
     "LearningRateScheduleCallback",
     "RankZeroCheckpoint",
     "StrategyCallback",
+    "SyncStepCounter",
     "AgentCheckpointCallback",
     "warmup_learning_rate",
 ]
@@ -166,6 +167,34 @@ class StrategyCallback(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.agent._after_local_step()
+
+
+class SyncStepCounter(keras.callbacks.Callback):
+    """Counts ``agent``'s optimizer steps under ``Sync`` from the optimizer's iteration
+    counter at every epoch's end (before a checkpoint is written) and at the end of ``fit``.
+    Sync needs nothing after a step (its all-reduce is inside the optimizer), and a callback
+    without batch hooks keeps Keras' asynchronous callback dispatch, so the training loop
+    never waits for Python between steps. Local."""
+
+    def __init__(self, agent: Any) -> None:
+        super().__init__()
+        self.agent = agent
+        self._counted = 0
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self._counted = int(self.model.optimizer.iterations.numpy())
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._count()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._count()
+
+    def _count(self) -> None:
+        now = int(self.model.optimizer.iterations.numpy())
+        for _ in range(now - self._counted):
+            self.agent._after_local_step()
+        self._counted = now
 
 
 class AgentCheckpointCallback(keras.callbacks.Callback):
