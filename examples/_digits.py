@@ -18,7 +18,7 @@ STRATEGIES = {
     "localsgd": lambda a: hva.LocalSGD(period=a.period),
     "downpour": lambda a: hva.Downpour(period=a.period, max_staleness=a.max_staleness),
     "easgd": lambda a: hva.EASGD(alpha=a.alpha, period=a.period, max_staleness=a.max_staleness),
-    "gossip": lambda a: hva.Gossip(period=a.period),
+    "gossip": lambda a: hva.Gossip(period=a.period, max_staleness=a.max_staleness),
 }
 
 

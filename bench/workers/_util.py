@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import time
 from typing import Any, Callable
 
-__all__ = ["emit", "timed", "mlp_dims", "RESULT_TAG"]
+__all__ = ["emit", "timed", "mlp_dims", "overhead_args", "RESULT_TAG"]
 
 #: Must match :data:`bench._common.RESULT_TAG` (not imported: workers stay light).
 RESULT_TAG = "BENCH"
@@ -39,3 +40,14 @@ def mlp_dims(text: str) -> list[int]:
     if len(dims) < 2 or min(dims) < 1:
         raise ValueError(f"MLP dims need at least two positive widths; got {text!r}")
     return dims
+
+
+def overhead_args() -> argparse.Namespace:
+    """The command line shared by the overhead workers (model, batch, steps, repetitions)."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--dims", type=mlp_dims, required=True)
+    p.add_argument("--batch", type=int, required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--reps", type=int, required=True)
+    p.add_argument("--warmup", type=int, default=3)
+    return p.parse_args()

@@ -18,7 +18,6 @@ Rank 0 prints the steps per second of every repetition (the slowest rank's).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import horovod.tensorflow as hvd
@@ -28,7 +27,7 @@ import tensorflow as tf
 from mpi4py import MPI  # mpi4py initialises MPI at MPI_THREAD_MULTIPLE, as Horovod needs
 
 import hvdagents as hva
-from bench.workers._util import emit, mlp_dims, timed
+from bench.workers._util import emit, overhead_args, timed
 
 LR = 0.01
 MOMENTUM = 0.9
@@ -55,13 +54,7 @@ class _BatchClock(keras.callbacks.Callback):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--dims", type=mlp_dims, required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--reps", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=3)
-    args = p.parse_args()
+    args = overhead_args()
     comm = MPI.COMM_WORLD
     hvd.init(comm=comm)
     rng = np.random.default_rng(SEED + comm.Get_rank())

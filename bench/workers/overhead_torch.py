@@ -7,14 +7,12 @@ prints the steps per second of every repetition.
 
 from __future__ import annotations
 
-import argparse
-
 import horovod.torch as hvd
 import torch
 from mpi4py import MPI  # mpi4py initialises MPI at MPI_THREAD_MULTIPLE, as Horovod needs
 
 import hvdagents as hva
-from bench.workers._util import emit, mlp_dims, timed
+from bench.workers._util import emit, overhead_args, timed
 
 LR = 0.01
 MOMENTUM = 0.9
@@ -32,13 +30,7 @@ def build(dims: list[int]) -> torch.nn.Module:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--dims", type=mlp_dims, required=True)
-    p.add_argument("--batch", type=int, required=True)
-    p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--reps", type=int, required=True)
-    p.add_argument("--warmup", type=int, default=3)
-    args = p.parse_args()
+    args = overhead_args()
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     hvd.init(comm=comm)

@@ -119,15 +119,19 @@ class Gossip(Strategy):
     peers': ``x_i <- sum_j weights[i][j] * x_j``. ``weights=None`` is uniform pairwise
     gossip (one random peer, weight 1/2 each); a matrix must be square, non-negative and
     row-stochastic (checked here, and against the world size when the agent starts).
+    ``max_staleness``: as for Downpour; keeps agents that share cores (or run at very
+    different speeds) from training apart long enough for their models to drift apart.
     """
 
     synchronous = False
     period: int = 1
     weights: Optional[Sequence[Sequence[float]]] = None
     seed: int = 0
+    max_staleness: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_int("Gossip", "period", self.period, 1)
+        _check_staleness("Gossip", self.max_staleness)
         if self.weights is None:
             return
         try:

@@ -11,7 +11,7 @@ Only :meth:`~WeakRunner.start` and :meth:`~WeakRunner.finish` are collective.
 - :class:`GossipRunner` — no centre: each agent publishes its parameters in its own
   :class:`~.window.PeerWindow` and mixes in its peers' (Lian et al. 2018, AD-PSGD).
 
-With ``max_staleness=s`` (Downpour, EASGD) every step ticks a :class:`~.window.ClockWindow`
+With ``max_staleness=s`` every step ticks a :class:`~.window.ClockWindow`
 and no agent starts a step while it is more than ``s`` steps ahead of the slowest active
 agent (Stale Synchronous Parallel). Agents that finish retire their clock first, so a
 finished agent never holds the others back.
@@ -281,6 +281,10 @@ class GossipRunner(WeakRunner):
         super().__init__(strategy)
         self._peers: Optional[PeerWindow] = None
         self._weights: Optional[np.ndarray] = None
+
+    @property
+    def max_staleness(self) -> Optional[int]:
+        return self.strategy.max_staleness
 
     def _check_world(self, size: int) -> None:
         self._weights = self.strategy.matrix(size)
