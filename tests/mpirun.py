@@ -103,7 +103,12 @@ def run_in_env(
     timeout: float,
     cwd: str | os.PathLike | None = None,
 ) -> JobResult:
-    """Run ``command`` with exactly ``env`` in its own process group; kill the group on timeout."""
+    """Run ``command`` with exactly ``env`` in its own process group; kill the group on timeout.
+
+    Always an explicit environment: after MPI was initialised in this process (unit tests run
+    a world of one here), Open MPI has setenv()'d OMPI_*/PMIX_* variables that ``os.environ``
+    does not show but an inherited environment would carry into ``mpirun``, which then fails.
+    """
     started = time.monotonic()
     proc = subprocess.Popen(
         list(command),

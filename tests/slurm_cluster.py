@@ -67,7 +67,7 @@ def install_slurm(timeout: float = INSTALL_TIMEOUT) -> tuple[bool, str]:
     script = REPO / "tools" / "setup_slurm.sh"
     try:
         proc = subprocess.run(
-            ["bash", str(script)], capture_output=True, text=True, timeout=timeout
+            ["bash", str(script)], capture_output=True, text=True, timeout=timeout, env=dict(os.environ)
         )
     except subprocess.TimeoutExpired as exc:
         raise SlurmUnavailable(f"{script} did not finish in {timeout:.0f}s") from exc

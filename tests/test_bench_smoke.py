@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,11 @@ SIGNED = {"added_us_per_step"}
 
 
 def _bench(out: Path, *args: str) -> subprocess.CompletedProcess:
+    # env=os.environ explicitly: once a test has initialised MPI in this process (a singleton),
+    # Open MPI has setenv()'d its own OMPI_*/PMIX_* variables, which a child started with the
+    # inherited environment would pass on to mpirun, and mpirun then exits 1 without a word.
     return subprocess.run([sys.executable, "-m", "bench", "--out", str(out), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=QUICK_RUN_TIMEOUT)
+                          capture_output=True, text=True, timeout=QUICK_RUN_TIMEOUT, env=dict(os.environ))
 
 
 @pytest.fixture(scope="module")

@@ -168,5 +168,6 @@ def test_import_has_no_side_effects():
 
     code = ("import sys, hvdagents; "
             "print('mpi4py.MPI' in sys.modules, 'torch' in sys.modules, 'tensorflow' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ)).stdout
     assert out.split() == ["False", "False", "False"]
