@@ -75,7 +75,7 @@ def test_a_crashing_rank_ends_a_job_waiting_in_horovod():
 def test_sigterm_to_mpirun_ends_the_job_quickly(tmp_path):
     env = dict(os.environ, **JOB_ENV)
     cmd = [*mpirun_command(2), sys.executable, "-c",
-           "import hvdagents as h, time; c = h.init(); print('up', c.rank, flush=True); "
+           "import hvdagents as h, os, time; c = h.init(); os.write(1, f'up {c.rank}\\n'.encode()); "
            "c.comm.barrier(); time.sleep(120)"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
