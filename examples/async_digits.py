@@ -14,9 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-ASYNC_STRATEGIES = ("downpour", "easgd", "gossip")
-
-
 def main() -> None:
     pick = argparse.ArgumentParser(add_help=False)
     pick.add_argument("--framework", choices=["torch", "keras"], default="torch")
