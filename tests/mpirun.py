@@ -87,13 +87,19 @@ def run_command(
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike | None = None,
 ) -> JobResult:
-    """Run ``command`` with :data:`JOB_ENV` and this venv first on ``PATH``; see :func:`run_in_env`."""
-    full_env = dict(os.environ)
-    full_env.update(JOB_ENV)
-    full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
-    if env:
-        full_env.update(env)
-    return run_in_env(command, full_env, timeout=timeout, cwd=cwd)
+    """Run ``command`` with :func:`job_env`; see :func:`run_in_env`."""
+    return run_in_env(command, job_env(env), timeout=timeout, cwd=cwd)
+
+
+def job_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment with :data:`JOB_ENV`, this venv first on ``PATH``, and
+    ``extra``: what every job a test starts runs with (also jobs started in the background)."""
+    env = dict(os.environ)
+    env.update(JOB_ENV)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    if extra:
+        env.update(extra)
+    return env
 
 
 def run_in_env(

@@ -1,10 +1,15 @@
 """The sync examples train to the accuracy the README promises, on 2 real MPI ranks."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from mpirun import REPO, run_job
+from mpirun import REPO, job_env, mpirun_command, run_job
 
 EXAMPLES = REPO / "examples"
 
@@ -38,17 +43,9 @@ def test_sync_example_reaches_95_percent(script, args, tmp_path):
 @pytest.mark.parametrize("script", ["torch_digits.py", "keras_digits.py"])
 def test_sigusr1_checkpoints_exits_for_requeue_and_resume_continues(script, tmp_path):
     """What slurm/requeue.sbatch relies on: USR1 -> checkpoint -> exit 75 -> --resume."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from mpirun import JOB_ENV, mpirun_command
-
     ckpt, csv = tmp_path / "run.ckpt", tmp_path / "run.csv"
     common = ["--checkpoint", str(ckpt), "--csv", str(csv)]
-    env = dict(os.environ, **JOB_ENV)
+    env = job_env()
     proc = subprocess.Popen([*mpirun_command(2), sys.executable, str(EXAMPLES / script), *common,
                              "--epochs", "500"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)

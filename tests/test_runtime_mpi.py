@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from mpirun import JOB_ENV, SCRIPTS, mpirun_command, run_command, run_job
+from mpirun import SCRIPTS, job_env, mpirun_command, run_command, run_job
 
 
 def contexts(job):
@@ -73,7 +73,7 @@ def test_a_crashing_rank_ends_a_job_waiting_in_horovod():
 
 
 def test_sigterm_to_mpirun_ends_the_job_quickly(tmp_path):
-    env = dict(os.environ, **JOB_ENV)
+    env = job_env()
     cmd = [*mpirun_command(2), sys.executable, "-c",
            "import hvdagents as h, os, time; c = h.init(); os.write(1, f'up {c.rank}\\n'.encode()); "
            "c.comm.barrier(); time.sleep(120)"]
