@@ -17,6 +17,7 @@ from typing import IO, Any, Sequence
 import numpy as np
 
 from .checkpoint import write_atomic
+from .collectives import allgather_object, bcast_object
 from .errors import ClosedError, ModelMismatchError
 from .runtime import Context, horovod_binding, init, pin_gpu
 from .strategies.base import Runner, RunnerState, make_runner
@@ -119,18 +120,18 @@ class Agent(ABC):
             pin_gpu(framework)
             self._hvd = None
 
-    # -- collectives on Python objects (Horovod for sync strategies, else MPI) ------------------
+    # -- collectives on Python objects (MPI, of any size; Horovod's without an MPI world) --------
     def _allgather_object(self, obj: Any, name: str) -> list[Any]:
         """Collective: every rank's ``obj``, in rank order."""
-        if self._hvd is not None:
-            return self._hvd.allgather_object(obj, name=name)
-        return self.context.comm.allgather(obj)
+        if self.context.mpi_world:
+            return allgather_object(self.context.comm, obj)
+        return self._hvd.allgather_object(obj, name=name)
 
-    def _broadcast_object(self, obj: Any, name: str) -> Any:
-        """Collective: rank 0's ``obj`` on every rank."""
-        if self._hvd is not None:
-            return self._hvd.broadcast_object(obj, root_rank=ROOT_RANK, name=name)
-        return self.context.comm.bcast(obj, root=ROOT_RANK)
+    def _broadcast_object(self, obj: Any, name: str, root: int = ROOT_RANK) -> Any:
+        """Collective: ``root``'s ``obj`` on every rank."""
+        if self.context.mpi_world:
+            return bcast_object(self.context.comm, obj, root=root)
+        return self._hvd.broadcast_object(obj, root_rank=root, name=name)
 
     # -- ParameterAccess (implemented by adapters) ------------------------------------------
     @property
@@ -149,6 +150,70 @@ class Agent(ABC):
 
     @abstractmethod
     def average_parameters(self) -> None: ...
+
+    # -- the rest of the model's state (buffers, non-trainable weights; adapters) ---------------
+    @abstractmethod
+    def _state_arrays(self) -> list[np.ndarray]:
+        """Host copies of the model's state beside the shared trainable parameters (buffers
+        such as BatchNorm statistics, frozen parameters, non-trainable weights), in an order
+        that is the same on every rank."""
+
+    @abstractmethod
+    def _set_state_arrays(self, arrays: list[np.ndarray]) -> None:
+        """Load arrays shaped as :meth:`_state_arrays` returned into the model (casting back)."""
+
+    def _leave(self) -> None:
+        """Collective over all ranks, first step of :meth:`close`: a rank that ran out of data
+        waits here for the others (adapters that support uneven data override it)."""
+
+    def _take_longest_run(self) -> None:
+        """Collective, after :meth:`_leave`: when the ranks made different numbers of steps
+        (uneven data), every rank takes the model, optimizer and strategy state of the rank
+        that made the most (the lowest such rank): it took part in every step, the others
+        stopped updating when they ran out of data. Nothing moves when the counts agree."""
+        steps = self._allgather_object(self._runner.state.step, name="hvdagents.close.steps")
+        if len(set(steps)) == 1:
+            return
+        longest = steps.index(max(steps))
+        self._broadcast_state(root=longest)
+        state = self._broadcast_object(self._runner.state.to_dict(), name="hvdagents.close.runner", root=longest)
+        self._runner.state = RunnerState.from_dict(state)
+
+    def _agree_on_state(self) -> None:
+        """Collective: make the state beside the parameters bit-identical on every rank.
+
+        Floating-point arrays become their mean over the ranks (summed in float64 on rank 0,
+        then broadcast, so every rank holds the same bits); other arrays (counters such as
+        ``num_batches_tracked``) take rank 0's values."""
+        arrays = self._state_arrays()
+        if self.context.size == 1 or not arrays:
+            return
+        floats = [a for a in arrays if a.dtype.kind == "f"]
+        exact = [a for a in arrays if a.dtype.kind != "f"]
+        if self.context.mpi_world:
+            comm = self.context.comm
+            local = np.concatenate([a.astype(np.float64).ravel() for a in floats] or [np.zeros(0)])
+            total = np.empty_like(local) if self.context.is_root else None
+            from mpi4py import MPI
+
+            comm.Reduce(local, total, op=MPI.SUM, root=ROOT_RANK)
+            mean = total / self.context.size if total is not None else np.empty_like(local)
+            comm.Bcast(mean, root=ROOT_RANK)
+            exact = comm.bcast(exact if self.context.is_root else None, root=ROOT_RANK)
+        else:  # no MPI world (horovodrun --gloo): every rank averages the same gathered arrays
+            gathered = self._allgather_object(floats, name="hvdagents.state.mean")
+            mean = np.concatenate([sum(a.astype(np.float64) for a in column).ravel() / len(gathered)
+                                   for column in zip(*gathered)] or [np.zeros(0)])
+            exact = self._broadcast_object(exact, name="hvdagents.state.root")
+        agreed: list[np.ndarray] = []
+        offset, rest = 0, iter(exact)
+        for a in arrays:
+            if a.dtype.kind == "f":
+                agreed.append(mean[offset:offset + a.size].reshape(a.shape).astype(a.dtype))
+                offset += a.size
+            else:
+                agreed.append(next(rest))
+        self._set_state_arrays(agreed)
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -212,11 +277,21 @@ class Agent(ABC):
         error = self._broadcast_object(error, name="hvdagents.ckpt.error")
         if error:
             raise FileNotFoundError(error)
-        payload = self._broadcast_object(payload, name="hvdagents.ckpt")
-        self._restore_framework_state(payload["framework_state"])
-        self._runner.state = RunnerState.from_dict(payload["strategy_state"])
+        if self.context.rank == ROOT_RANK:
+            self._restore_framework_state(payload["framework_state"])
+            rest = {"strategy_state": payload["strategy_state"], "extra": payload["extra"]}
+            del payload  # the model holds the state now: do not keep a second copy
+        else:
+            rest = None
+        self._broadcast_state()  # tensor by tensor: checkpoints of any size
+        rest = self._broadcast_object(rest, name="hvdagents.ckpt")
+        self._runner.state = RunnerState.from_dict(rest["strategy_state"])
         self._runner.reseed(self)
-        return dict(payload["extra"])
+        return dict(rest["extra"])
+
+    @abstractmethod
+    def _broadcast_state(self, root: int = ROOT_RANK) -> None:
+        """Collective: ``root``'s model and optimizer state on every rank (adapters)."""
 
     def flat_parameters(self) -> np.ndarray:
         """A NumPy copy of this rank's model parameters, in the model's dtype. Local; also
@@ -227,12 +302,19 @@ class Agent(ABC):
         """Collective: end training with one consensus model on every rank.
 
         Sync: parameters are already identical. LocalSGD: a last average. Downpour/EASGD:
-        every rank pulls the centre. Gossip: an exact average. Windows are freed. Every rank
-        must call it; calling it again does nothing.
+        every rank pulls the centre. Gossip: an exact average. Then the rest of the model's
+        state (buffers such as BatchNorm statistics, non-trainable weights) is made identical:
+        floating-point values averaged over the ranks, counters taken from rank 0. Windows are
+        freed. Every rank must call it; calling it again does nothing. A rank that calls it
+        while others still train waits for them (see the adapter for uneven data).
         """
         if self._closed:
             return
+        self._leave()
+        if self.strategy.synchronous and self.context.size > 1:
+            self._take_longest_run()
         self._runner.finish(self)
+        self._agree_on_state()
         self._closed = True
 
     def __enter__(self) -> Agent:

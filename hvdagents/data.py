@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence, TypeVar, overload
 
-__all__ = ["shard", "shard_bounds"]
+__all__ = ["shard", "shard_bounds", "repeat_to", "num_items"]
 
 T = TypeVar("T")
 
@@ -61,3 +61,34 @@ def shard(data: Any, *, rank: int | None = None, size: int | None = None) -> Any
         ) from None
     start, stop = shard_bounds(n, rank, size)
     return data[start:stop]
+
+
+def num_items(data: Any) -> int | None:
+    """The number of items (first-axis length) of an array, or of a list, tuple or dict of
+    equally long arrays; ``None`` for anything else (a dataset, a generator) or ``None``."""
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        data = list(data.values())
+    if isinstance(data, (list, tuple)):
+        lengths = {num_items(d) for d in data}
+        return lengths.pop() if len(lengths) == 1 else None
+    shape = getattr(data, "shape", None)
+    return int(shape[0]) if shape else None
+
+
+def repeat_to(data: Any, n: int) -> Any:
+    """``data`` (as :func:`num_items` reads it) lengthened to ``n`` items by repeating its
+    items from the first, as PyTorch's ``DistributedSampler`` pads uneven shards. Local."""
+    import numpy as np
+
+    if data is None:
+        return None
+    if isinstance(data, dict):
+        return {k: repeat_to(v, n) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(repeat_to(v, n) for v in data)
+    have = num_items(data)
+    if not have:
+        raise ValueError(f"cannot lengthen an empty shard to {n} items: every rank needs data")
+    return np.take(np.asarray(data), np.arange(n) % have, axis=0)

@@ -158,6 +158,11 @@ def init() -> Context:
     mpi4py at ``MPI_THREAD_MULTIPLE`` and a node-local communicator is split off to find
     the local rank. Later calls return the same context without communicating.
 
+    Call it first, before ``model.cuda()`` or building a TensorFlow model: when this process
+    sees several GPUs it is pinned here to the one of its local rank (``CUDA_VISIBLE_DEVICES``
+    narrowed, see :mod:`hvdagents.devices`); a framework that already started CUDA raises
+    :class:`~hvdagents.UsageError` naming the fix.
+
     Raises :class:`ThreadLevelError` when MPI grants less than ``MPI_THREAD_MULTIPLE``, and
     :class:`LauncherError` for launches that cannot work (see :func:`check_launch`).
     A rank that dies of an uncaught exception afterwards prints its traceback prefixed with
@@ -207,6 +212,9 @@ def init() -> Context:
         )
         if size > 1:
             _install_abort_hook(_context)
+        from .devices import pin_process
+
+        pin_process(local_rank, local_size)  # before any framework starts CUDA
         return _context
 
 

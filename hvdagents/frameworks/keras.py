@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
+from ..collectives import bcast_array
 from ..errors import UsageError
 from ..runtime import horovod_binding
 from ..strategies.config import Strategy, Sync
@@ -49,6 +50,35 @@ def average_values(values: Mapping[str, float]) -> dict[str, float]:
     return dict(zip(keys, map(float, mean)))
 
 
+def distributed_outermost(optimizer: keras.optimizers.Optimizer, compression: str | None) -> Any:
+    """``optimizer`` with :class:`hvdagents.keras.DistributedOptimizer` as its outermost wrapper.
+
+    Under a ``mixed_float16`` policy ``compile`` wraps the optimizer in Keras'
+    ``LossScaleOptimizer``, which checks locally whether the gradients are finite and skips
+    the step when they are not. Inside it, our all-reduce would run on the ranks that did not
+    skip only (a hang, or ranks that silently diverge); outside it, the loss-scale optimizer
+    sees the averaged gradients, identical on every rank, and every rank decides alike. So a
+    ``LossScaleOptimizer(DistributedOptimizer(opt))`` becomes
+    ``DistributedOptimizer(LossScaleOptimizer(opt))`` with the same loss-scale settings.
+    """
+    from ..keras.optimizer import DistributedOptimizer
+
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
+        optimizer.inner_optimizer, DistributedOptimizer
+    ):
+        inner = optimizer.inner_optimizer
+        if isinstance(inner.inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            return inner  # compile's automatic wrapper around an optimizer already loss-scaled
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            inner.inner_optimizer, initial_scale=optimizer.initial_scale,
+            dynamic_growth_steps=optimizer.dynamic_growth_steps,
+        )
+        compression = inner.compression
+    return DistributedOptimizer(optimizer, compression=compression)
+
+
 class KerasAgent(Agent):
     """Make a compiled Keras 3 model a distributed agent. Collective constructor.
 
@@ -76,34 +106,37 @@ class KerasAgent(Agent):
                 "Sync.backward_passes_per_step must be 1 with KerasAgent; for gradient accumulation set "
                 f"gradient_accumulation_steps on the Keras optimizer; got {self.strategy.backward_passes_per_step}"
             )
-        from ..keras.optimizer import DistributedOptimizer
-
         self.model = model
         variables = model.trainable_variables
-        dtypes = {v.dtype for v in variables}
-        if len(dtypes) != 1:
-            raise ValueError(f"KerasAgent needs all trainable variables in one dtype; got {sorted(dtypes)}")
-        self._dtype = np.dtype(next(iter(dtypes)))
+        wide = {np.dtype(v.dtype).itemsize > 4 for v in variables}
+        self._dtype = np.dtype(np.float64 if True in wide else np.float32)
         check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
-        if isinstance(self.strategy, Sync) and not isinstance(model.optimizer, DistributedOptimizer):
+        if isinstance(self.strategy, Sync):
             # The same hand-over Keras' compile() makes for LossScaleOptimizer.
-            model.optimizer = DistributedOptimizer(model.optimizer, compression=self.strategy.compression)
+            model.optimizer = distributed_outermost(model.optimizer, self.strategy.compression)
         model.jit_compile = False
         if model.train_function is not None:
             model.make_train_function(force=True)
         if not model.optimizer.built:
             model.optimizer.build(variables)
-        self._broadcast_state(list(model.weights) + list(model.optimizer.variables))
+        self._broadcast_state()
         self._start_strategy()
 
-    def _broadcast_state(self, variables: list) -> None:
-        """Collective: rank 0's values of ``variables`` on every rank."""
+    def _broadcast_state(self, root: int = ROOT_RANK) -> None:
+        """Collective: ``root``'s weights and optimizer variables on every rank, one by one
+        (Horovod broadcasts for synchronous strategies, MPI in pieces otherwise: no size
+        limit)."""
+        variables = list(self.model.weights) + list(self.model.optimizer.variables)
         if self._hvd is not None:
-            broadcast_variables(variables)
+            broadcast_variables(variables, root_rank=root)
             return
-        values = [np.asarray(v.numpy()) for v in variables] if self.context.is_root else None
-        for v, value in zip(variables, self._broadcast_object(values, name="hvdagents.state")):
-            v.assign(value)
+        if self.context.size == 1:
+            return
+        for v in variables:
+            value = np.ascontiguousarray(v.numpy())
+            bcast_array(self.context.comm, value, root=root)
+            if self.context.rank != root:
+                v.assign(value)
 
     # -- training -------------------------------------------------------------------------
     def callbacks(self) -> list[keras.callbacks.Callback]:
@@ -121,19 +154,59 @@ class KerasAgent(Agent):
             checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> keras.callbacks.History:
         """``model.fit`` on this rank's data (``x``, ``y``: this rank's shard, see ``hva.shard``).
 
-        Collective with ``Sync``/``LocalSGD``: every rank must run the same number of batches.
+        Collective with ``Sync``/``LocalSGD``: every rank runs the same number of batches.
+        Uneven shards (``hva.shard`` gives the first ``n % size`` ranks one item more) are
+        evened out first, as PyTorch's ``DistributedSampler`` does: the ranks agree on the
+        longest shard (one all-gather), and each shorter shard is lengthened to it by repeating
+        its own items from the first (``x``, ``y`` and ``sample_weight`` alike). Every step then
+        averages the ranks' mean gradients with equal weight, over the same number of batches
+        on every rank; a few items of the shorter shards are seen twice per epoch. Data whose
+        length cannot be read (a ``tf.data.Dataset``, a generator) must give every rank the
+        same number of batches: pass ``steps_per_epoch``, or an error names the fix.
+
         ``checkpoint``: rank 0 writes an atomic checkpoint there after every epoch (resume
         with :meth:`load_checkpoint` and ``initial_epoch``). Other keyword arguments go to
         ``model.fit`` unchanged; only rank 0 prints progress."""
         self._check_open()
         from ..keras.callbacks import AgentCheckpointCallback
 
+        if self.strategy.synchronous and self.context.size > 1:
+            x, y, kwargs = self._even_out(x, y, kwargs)
         added = self.callbacks()
         if checkpoint is not None:
             added.append(AgentCheckpointCallback(self, checkpoint))
         return self.model.fit(
             x, y, callbacks=[*added, *callbacks], verbose=verbose if self.context.is_root else 0, **kwargs
         )
+
+    def _even_out(self, x: Any, y: Any, kwargs: dict) -> tuple[Any, Any, dict]:
+        """Collective: lengthen a short shard to the longest (see :meth:`fit`)."""
+        from ..data import num_items, repeat_to
+
+        n = num_items(x)
+        batch = kwargs.get("batch_size", 32 if n is not None else None)
+        agreed = self._allgather_object((n, batch, kwargs.get("steps_per_epoch")), name="hvdagents.fit.shape")
+        lengths = [a[0] for a in agreed]
+        if len({a[1:] for a in agreed}) != 1:
+            raise UsageError(
+                "KerasAgent.fit: batch_size and steps_per_epoch must be the same on every rank; got "
+                f"(batch_size, steps_per_epoch) = {[a[1:] for a in agreed]} by rank"
+            )
+        if None in lengths:
+            if agreed[0][2] is None:
+                raise UsageError(
+                    "KerasAgent.fit with a synchronous strategy needs the same number of batches on "
+                    "every rank, and the length of this data cannot be read: pass x and y as arrays, "
+                    "or give steps_per_epoch (the same on every rank) with a dataset that repeats."
+                )
+            return x, y, kwargs
+        longest = max(lengths)
+        if n == longest:
+            return x, y, kwargs
+        kwargs = dict(kwargs)
+        if kwargs.get("sample_weight") is not None:
+            kwargs["sample_weight"] = repeat_to(kwargs["sample_weight"], longest)
+        return repeat_to(x, longest), repeat_to(y, longest), kwargs
 
     # -- ParameterAccess --------------------------------------------------------------------
     @property
@@ -171,6 +244,13 @@ class KerasAgent(Agent):
     # -- checkpoints ------------------------------------------------------------------------
     def _signature(self) -> list[ParameterSignature]:
         return [(v.path, tuple(int(d) for d in v.shape), str(v.dtype)) for v in self.model.weights]
+
+    def _state_arrays(self) -> list[np.ndarray]:
+        return [np.asarray(v.numpy()) for v in self.model.non_trainable_weights]
+
+    def _set_state_arrays(self, arrays: list[np.ndarray]) -> None:
+        for v, value in zip(self.model.non_trainable_weights, arrays):
+            v.assign(value)
 
     def _framework_state(self) -> Any:
         return {

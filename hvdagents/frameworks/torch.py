@@ -1,10 +1,13 @@
 """PyTorch adapter: ``hva.TorchAgent``.
 
-Sync training uses Horovod's own PyTorch machinery, ``horovod.torch.DistributedOptimizer``:
-per-parameter hooks start each gradient's all-reduce as soon as backward produces it
-(overlapping communication with the rest of backward), with tensor fusion, fp16 compression
-and ``backward_passes_per_step``. The user's optimizer keeps its state and does the update;
-Horovod's wrapper is used only for its hooks and ``synchronize()``.
+Sync training averages gradients with :class:`~.torch_grads.GradientAllreducer`: a hook on
+each trainable parameter starts its Horovod all-reduce as soon as backward produces the
+gradient (overlapping communication with the rest of backward, with Horovod's tensor
+fusion), and the set of trainable parameters is read again at every step, so frozen,
+unfrozen and added parameters are all handled. The user's optimizer is used as it is.
+
+Parameters may be of any floating dtype, mixed (bfloat16 included). The asynchronous
+strategies exchange a host copy in float64 when any parameter is float64, else float32.
 """
 
 from __future__ import annotations
@@ -16,10 +19,35 @@ import numpy as np
 import torch
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
-from ..errors import UsageError
+from ..collectives import bcast_array, bcast_tree
 from ..strategies.config import Strategy, Sync
+from .torch_grads import GradientAllreducer, wire_tensor
 
 __all__ = ["TorchAgent"]
+
+
+def host_dtype(dtypes: Any) -> np.dtype:
+    """The NumPy dtype that holds every one of the torch ``dtypes`` exactly: float64 when
+    one is float64, else float32 (bfloat16 and float16 widen exactly to float32)."""
+    dtypes = set(dtypes)
+    for dtype in dtypes:
+        if not dtype.is_floating_point:
+            raise ValueError(f"TorchAgent trains floating-point parameters; got a {dtype} parameter")
+    return np.dtype(np.float64 if torch.float64 in dtypes else np.float32)
+
+
+def _bytes_view(tensor: torch.Tensor) -> np.ndarray:
+    """The memory of a contiguous host tensor as a flat uint8 NumPy array (shared, any dtype)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def host_array(tensor: torch.Tensor) -> np.ndarray:
+    """A NumPy copy of ``tensor`` on the host; floating dtypes NumPy lacks (bfloat16) widen to
+    float32, which holds them exactly."""
+    t = tensor.detach().to("cpu")
+    if t.dtype == torch.bfloat16:
+        t = t.to(torch.float32)
+    return t.numpy().copy()
 
 
 class TorchAgent(Agent):
@@ -38,6 +66,15 @@ class TorchAgent(Agent):
     (``backward_passes_per_step=k``: call ``step()`` after every k backward passes; the k
     gradients are summed locally, scale the loss by 1/k for a mean). Other strategies run
     after the local update (see :mod:`hvdagents.strategies`).
+
+    Which parameters: those in the optimizer's param groups with ``requires_grad``, read
+    again at every ``Sync`` step (freeze, unfreeze and ``add_param_group`` at will, the same
+    way on every rank). A parameter no rank produced a gradient for keeps ``grad=None``.
+
+    Uneven data: a rank that runs out of batches calls :meth:`close` (or leaves a
+    ``with agent:`` block); with ``Sync`` it then takes part in the other ranks' remaining
+    all-reduces without contributing, and each of those steps averages over the ranks still
+    training. ``close`` returns on every rank once all have closed.
     """
 
     def __init__(
@@ -55,20 +92,14 @@ class TorchAgent(Agent):
         self.optimizer = optimizer
         self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [p for _, p in self._named]
-        dtypes = {p.dtype for p in self._params}
-        if len(dtypes) != 1:
-            raise ValueError(f"TorchAgent needs all trainable parameters in one dtype; got {sorted(map(str, dtypes))}")
-        self._dtype = np.dtype(str(next(iter(dtypes))).replace("torch.", ""))
+        self._dtype = host_dtype(p.dtype for p in self._params)
         check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
         self._broadcast_state()
-        self._hvd_optimizer = None
+        self._gradients: GradientAllreducer | None = None
         if isinstance(self.strategy, Sync):
-            compressions = {None: self._hvd.Compression.none, "fp16": self._hvd.Compression.fp16}
-            compression = compressions[self.strategy.compression]
-            self._hvd_optimizer = self._hvd.DistributedOptimizer(
-                optimizer,
-                named_parameters=self._named,
-                compression=compression,
+            self._gradients = GradientAllreducer(
+                self._hvd, model, optimizer,
+                compression=self.strategy.compression,
                 backward_passes_per_step=self.strategy.backward_passes_per_step,
             )
         self._start_strategy()
@@ -80,15 +111,8 @@ class TorchAgent(Agent):
         optimizer. Other strategies: a local step, then the strategy's exchange (one-sided
         for the asynchronous ones: no other rank needs to take part)."""
         self._check_open()
-        if self._hvd_optimizer is not None:
-            try:
-                self._hvd_optimizer.synchronize()
-            except AttributeError as err:  # Horovod writes the averages into p.grad, now None
-                raise UsageError(
-                    "optimizer.zero_grad() was called after loss.backward() but before agent.step(): "
-                    "the gradients being averaged were dropped. Call zero_grad() before backward(), "
-                    "or after agent.step()."
-                ) from err
+        if self._gradients is not None:
+            self._gradients.synchronize()
         result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
         self._after_local_step()
         return result
@@ -103,9 +127,14 @@ class TorchAgent(Agent):
         return sum(p.numel() for p in self._params)
 
     def get_flat(self) -> np.ndarray:
+        """A host copy of the trainable parameters in :attr:`dtype` (bfloat16 and float16
+        widened exactly)."""
+        if not self._params:
+            return np.zeros(0, self._dtype)
+        wide = getattr(torch, self._dtype.name)
         with torch.no_grad():
-            flat = torch.cat([p.detach().reshape(-1) for p in self._params])
-        return flat.cpu().numpy().copy()
+            flat = torch.cat([p.detach().reshape(-1).to(device="cpu", dtype=wide) for p in self._params])
+        return flat.numpy()  # cat made new memory: no second copy
 
     def set_flat(self, values: np.ndarray) -> None:
         values = np.asarray(values)
@@ -116,27 +145,88 @@ class TorchAgent(Agent):
         with torch.no_grad():
             for p in self._params:
                 n = p.numel()
-                p.copy_(source[offset:offset + n].view_as(p))
+                p.copy_(source[offset:offset + n].view_as(p))  # copy_ casts and moves to p's device
                 offset += n
 
     def average_parameters(self) -> None:
-        """Collective: grouped all-reduce (average) of all parameters, on their device."""
+        """Collective over the ranks still training: every trainable parameter becomes its
+        mean over them (grouped all-reduce per dtype, on the parameters' device). Ranks that
+        left through :meth:`close` are not counted (they contribute zeros, see ``close``)."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in self._params:
+            by_dtype.setdefault(p.dtype, []).append(p.data)
+        active = self._hvd.allreduce(torch.ones(1, dtype=torch.float64), op=self._hvd.Sum,
+                                     name="hvdagents.active").item()
         with torch.no_grad():
-            self._hvd.grouped_allreduce_([p.data for p in self._params], op=self._hvd.Average, name="hvdagents.params")
+            for dtype, tensors in sorted(by_dtype.items(), key=lambda item: str(item[0])):
+                wire = [wire_tensor(t) for t in tensors]
+                self._hvd.grouped_allreduce_(wire, op=self._hvd.Sum, name=f"hvdagents.params.{dtype}")
+                for t, reduced in zip(tensors, wire):
+                    reduced.div_(active)
+                    if reduced.data_ptr() != t.data_ptr():
+                        t.copy_(reduced)
+
+    def _leave(self) -> None:
+        """Collective over all ranks (see :meth:`Agent.close`): under ``Sync`` and
+        ``LocalSGD``, wait in Horovod's join until every rank has closed."""
+        if self._hvd is not None and self.context.size > 1:
+            device = next((p.device.index for p in self._params if p.is_cuda), -1)
+            if self._gradients is not None:
+                self._gradients.check_no_pending_step()
+            self._hvd.join(device)
+
+    # -- state beside the trainable parameters (buffers, frozen parameters) -------------------------
+    def _state_tensors(self) -> list[torch.Tensor]:
+        trainable = {id(p) for p in self._params}
+        frozen = [p for _, p in self.model.named_parameters() if id(p) not in trainable]
+        return frozen + [b for _, b in self.model.named_buffers()]
+
+    def _state_arrays(self) -> list[np.ndarray]:
+        return [host_array(t) for t in self._state_tensors()]
+
+    def _set_state_arrays(self, arrays: list[np.ndarray]) -> None:
+        with torch.no_grad():
+            for t, value in zip(self._state_tensors(), arrays):
+                t.copy_(torch.from_numpy(np.ascontiguousarray(value)).view_as(t))
 
     # -- state: broadcast, checkpoint, resume -------------------------------------------------
     def _signature(self) -> list[ParameterSignature]:
-        return [(n, tuple(p.shape), str(p.dtype).replace("torch.", "")) for n, p in self._named]
+        named = [*self.model.named_parameters(), *self.model.named_buffers()]
+        return [(n, tuple(t.shape), str(t.dtype).replace("torch.", "")) for n, t in named]
 
-    def _broadcast_state(self) -> None:
-        """Collective: rank 0's parameters, buffers and optimizer state to every rank."""
-        if self._hvd is not None:  # in place, tensor by tensor, on the device
-            self._hvd.broadcast_parameters(self.model.state_dict(), root_rank=ROOT_RANK)
-        else:
-            model_state = self.model.state_dict() if self.context.is_root else None
-            self.model.load_state_dict(self._broadcast_object(model_state, name="hvdagents.model"))
-        state = self.optimizer.state_dict() if self.context.is_root else None
-        self.optimizer.load_state_dict(self._broadcast_object(state, name="hvdagents.optimizer"))
+    def _broadcast_state(self, root: int = ROOT_RANK) -> None:
+        """Collective: ``root``'s (by default rank 0's) parameters, buffers and optimizer state
+        on every rank.
+
+        Tensor by tensor, in place into the model's own tensors where they are on the host
+        (no pickle, no size limit: a model of billions of parameters goes through); the
+        optimizer state travels as a tree of tensors (see :mod:`hvdagents.collectives`)."""
+        if not self.context.mpi_world:  # horovodrun --gloo: Horovod's own broadcasts
+            self._hvd.broadcast_parameters(self.model.state_dict(), root_rank=root)
+            state = self.optimizer.state_dict() if self.context.rank == root else None
+            self.optimizer.load_state_dict(self._broadcast_object(state, name="hvdagents.optimizer", root=root))
+            return
+        if self.context.size == 1:
+            return
+        comm = self.context.comm
+        with torch.no_grad():
+            for t in self.model.state_dict().values():
+                if t.device.type == "cpu" and t.is_contiguous():
+                    bcast_array(comm, _bytes_view(t), root=root)
+                else:
+                    host = t.detach().to("cpu").contiguous()
+                    bcast_array(comm, _bytes_view(host), root=root)
+                    t.copy_(host)
+        state = bcast_tree(
+            comm, self.optimizer.state_dict() if self.context.rank == root else None,
+            is_leaf=torch.is_tensor,
+            to_array=lambda t: _bytes_view(t.detach().to("cpu").contiguous()),
+            new_leaf=lambda shape, dtype: torch.empty(shape, dtype=getattr(torch, dtype)),
+            leaf_dtype=lambda t: str(t.dtype).replace("torch.", ""),
+            root=root,
+        )
+        if self.context.rank != root:
+            self.optimizer.load_state_dict(state)
 
     def _framework_state(self) -> Any:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

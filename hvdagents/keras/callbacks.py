@@ -32,6 +32,7 @@ __all__ = [
     "SyncStepCounter",
     "AgentCheckpointCallback",
     "warmup_learning_rate",
+    "check_loss_scale_order",
 ]
 
 
@@ -46,6 +47,7 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         optimizer = self.model.optimizer
+        check_loss_scale_order(optimizer)
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         broadcast_variables(list(self.model.weights) + list(optimizer.variables), self.root_rank)
@@ -61,6 +63,26 @@ class MetricAverageCallback(keras.callbacks.Callback):
             return
         numeric = {k: v for k, v in logs.items() if isinstance(v, (int, float)) or hasattr(v, "__float__")}
         logs.update(average_values(numeric))
+
+
+def check_loss_scale_order(optimizer: Any) -> None:
+    """Raise :class:`~hvdagents.UsageError` for ``LossScaleOptimizer(DistributedOptimizer(...))``
+    (what ``compile`` builds from a ``DistributedOptimizer`` under a ``mixed_float16``
+    policy): its finiteness check runs per rank before our all-reduce, so one rank could skip
+    a step the others all-reduce. Local."""
+    from ..errors import UsageError
+    from .optimizer import DistributedOptimizer
+
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
+        optimizer.inner_optimizer, DistributedOptimizer
+    ):
+        raise UsageError(
+            "the model's optimizer is LossScaleOptimizer(DistributedOptimizer(...)) (compile wraps "
+            "the optimizer that way under a mixed_float16 policy): each rank would decide alone "
+            "whether to skip a step. Compile with optimizer=hva.keras.DistributedOptimizer("
+            "keras.optimizers.LossScaleOptimizer(opt)) and auto_scale_loss=False instead, or use "
+            "hva.KerasAgent, which orders them for you."
+        )
 
 
 def warmup_learning_rate(base_lr: float, size: int, warmup_epochs: float, epoch: float) -> float:

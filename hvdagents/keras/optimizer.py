@@ -25,7 +25,11 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
 
     Communication: ``apply`` is collective, since every rank's train step must call it with
     gradients for the same variables in the same order (a grouped all-reduce, averaged).
-    ``compression="fp16"`` casts gradients to float16 on the wire. Use it in
+    ``compression="fp16"`` casts gradients to float16 on the wire. With mixed precision it
+    must be the outermost wrapper, ``DistributedOptimizer(LossScaleOptimizer(opt))``, so that
+    the loss-scale optimizer decides on the averaged gradients, alike on every rank
+    (``KerasAgent`` and :class:`~hvdagents.keras.callbacks.BroadcastGlobalVariablesCallback`
+    check this). Use it in
     ``model.compile(optimizer=hva.keras.DistributedOptimizer(opt))`` with TensorFlow as
     the Keras backend, and broadcast the initial state with
     :class:`hvdagents.keras.callbacks.BroadcastGlobalVariablesCallback` (``KerasAgent`` does
@@ -93,6 +97,11 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     @property
     def iterations(self) -> Any:
         return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss: Any) -> Any:
+        """The inner optimizer's loss scaling (a ``LossScaleOptimizer`` multiplies by its
+        dynamic scale; it divides the averaged gradients by the same scale in ``apply``)."""
+        return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list: list) -> None:
         self.inner_optimizer.finalize_variable_values(var_list)

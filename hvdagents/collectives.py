@@ -1,0 +1,109 @@
+"""MPI collectives for state of any size: arrays in place, in pieces, and trees of arrays.
+
+MPI counts are C ints: one message of more than 2**31 - 1 items fails, and a pickled object
+is one such message (``comm.bcast`` of a 600M-parameter model). Here arrays travel as raw
+bytes in pieces of :data:`PIECE_BYTES`, into memory the receiver already holds (no pickle, no
+extra copy), and only the small skeleton of a tree (its structure, shapes and dtypes) is
+pickled, through ``mpi4py.util.pkl5``, which lifts the limit for objects too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = ["PIECE_BYTES", "bcast_array", "bcast_object", "allgather_object", "bcast_tree"]
+
+#: Largest single MPI message, in bytes (well below 2**31).
+PIECE_BYTES = 1 << 30
+
+
+def bcast_array(comm: Any, array: np.ndarray, root: int = 0) -> np.ndarray:
+    """Collective: ``root``'s contents of ``array`` into ``array`` on every rank, in place.
+
+    ``array`` must be C-contiguous with the same shape and dtype on every rank (any dtype:
+    it travels as bytes, in pieces of at most :data:`PIECE_BYTES`). Returns ``array``."""
+    if not array.flags.c_contiguous:
+        raise ValueError("bcast_array needs a C-contiguous array")
+    raw = array.reshape(-1).view(np.uint8)
+    for start in range(0, raw.size, PIECE_BYTES):
+        comm.Bcast(raw[start:start + PIECE_BYTES], root=root)
+    return array
+
+
+def _pkl5(comm: Any) -> Any:
+    from mpi4py.util import pkl5
+
+    return pkl5.Intracomm(comm)
+
+
+def bcast_object(comm: Any, obj: Any, root: int = 0) -> Any:
+    """Collective: ``root``'s picklable ``obj`` on every rank, of any size (pkl5)."""
+    return _pkl5(comm).bcast(obj, root=root)
+
+
+def allgather_object(comm: Any, obj: Any) -> list[Any]:
+    """Collective: every rank's picklable ``obj``, in rank order, of any size (pkl5)."""
+    return _pkl5(comm).allgather(obj)
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    """Where an array stood in a tree: its index among the leaves, shape and dtype."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def bcast_tree(comm: Any, tree: Any, *, is_leaf: Callable[[Any], bool],
+               to_array: Callable[[Any], np.ndarray], new_leaf: Callable[[tuple[int, ...], str], Any],
+               leaf_dtype: Callable[[Any], str], root: int = 0) -> Any:
+    """Collective: ``root``'s ``tree`` (dicts, lists and tuples of leaves and small values)
+    on every rank, leaves one by one through :func:`bcast_array`.
+
+    ``tree`` matters on ``root`` only. ``is_leaf`` tells the leaves (tensors, arrays);
+    ``to_array`` gives a C-contiguous host array sharing or copying a leaf's memory;
+    ``new_leaf(shape, dtype)`` allocates a receiving leaf on the other ranks, and ``leaf_dtype``
+    names a leaf's dtype. Returns the tree (``root`` gets its own leaves back, unchanged)."""
+    leaves: list[Any] = []
+
+    def strip(node: Any) -> Any:
+        if is_leaf(node):
+            leaves.append(node)
+            return _Leaf(len(leaves) - 1, tuple(node.shape), leaf_dtype(node))
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(strip(v) for v in node)
+        return node
+
+    is_root = comm.Get_rank() == root
+    skeleton = bcast_object(comm, strip(tree) if is_root else None, root=root)
+    if not is_root:
+        def collect(node: Any) -> None:
+            if isinstance(node, _Leaf):
+                leaves.append(new_leaf(node.shape, node.dtype))
+            elif isinstance(node, dict):
+                for v in node.values():
+                    collect(v)
+            elif isinstance(node, (list, tuple)):
+                for v in node:
+                    collect(v)
+
+        collect(skeleton)
+    for leaf in leaves:
+        bcast_array(comm, to_array(leaf), root=root)
+
+    def fill(node: Any) -> Any:
+        if isinstance(node, _Leaf):
+            return leaves[node.index]
+        if isinstance(node, dict):
+            return {k: fill(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(fill(v) for v in node)
+        return node
+
+    return fill(skeleton)

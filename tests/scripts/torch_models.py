@@ -1,0 +1,217 @@
+"""The models users really train, TorchAgent(Sync) under mpirun -np 2: frozen layers, unfreezing
+mid-training, parameters without a gradient, bfloat16 and mixed dtypes, uneven data. RESULT
+lines on rank 0; every reference is computed in this process, with no communication."""
+
+import numpy as np
+import torch
+from _report import emit
+
+import hvdagents as hva
+
+ctx = hva.init()
+BATCH, LR = 16, 0.1
+rng = np.random.default_rng(0)
+X = torch.from_numpy(rng.normal(size=(12 * BATCH, 10)))
+Y = torch.from_numpy(rng.normal(size=(12 * BATCH, 1)))
+
+
+class Net(torch.nn.Module):
+    """A body, a head, and a parameter that takes no part in forward (no gradient ever)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Linear(10, 16)
+        self.head = torch.nn.Linear(16, 1)
+        self.unused = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+def make(seed=1, dtype=torch.float64):
+    return Net(seed).to(dtype)
+
+
+def flat(model):
+    return torch.cat([p.detach().reshape(-1).double() for p in model.parameters()]).numpy()
+
+
+def report(name, **values):
+    if ctx.is_root:
+        emit({"check": name, **values})
+
+
+def identical(model):
+    mine = flat(model).tobytes() + b"".join(b.detach().double().numpy().tobytes() for b in model.buffers())
+    return all(g == mine for g in ctx.comm.allgather(mine))
+
+
+def batch(step, rank=None):
+    rows = slice(step * BATCH, (step + 1) * BATCH)
+    xb, yb = X[rows], Y[rows]
+    if rank is None:
+        return xb, yb
+    half = np.asarray(hva.shard(np.arange(BATCH), rank=rank, size=ctx.size))
+    return xb[half], yb[half]
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9, weight_decay=0.01)
+
+
+def loss_of(model, xb, yb):
+    dtype = next(model.parameters()).dtype
+    return torch.nn.functional.mse_loss(model(xb.to(dtype)), yb.to(dtype))
+
+
+# 1. Fine-tuning with a frozen body; the optimizer holds every parameter (the usual pattern),
+#    with momentum and weight decay, which would move a parameter handed a zero gradient.
+def frozen_run(distributed):
+    model = make()
+    model.body.requires_grad_(False)
+    opt = sgd(model)
+    agent = hva.TorchAgent(model, opt, strategy=hva.Sync()) if distributed else None
+    for s in range(6):
+        opt.zero_grad()
+        loss_of(model, *batch(s, ctx.rank if distributed else None)).backward()
+        agent.step() if distributed else opt.step()
+    return model
+
+
+ours, reference = frozen_run(True), frozen_run(False)
+initial = make()
+report("frozen",
+       max_rel=float(np.max(np.abs(flat(ours) - flat(reference))) / np.max(np.abs(flat(reference)))),
+       body_moved=float(np.max(np.abs(ours.body.weight.detach() - initial.body.weight.detach()).numpy())),
+       head_moved=float(np.max(np.abs(ours.head.weight.detach() - initial.head.weight.detach()).numpy())),
+       unused_moved=float(np.max(np.abs(ours.unused.detach() - initial.unused.detach()).numpy())),
+       identical=identical(ours))
+
+
+# 2. Unfreezing mid-training: the body starts outside the optimizer, frozen; after 3 steps it
+#    is unfrozen and added as a param group (learning rate 0.05).
+def unfreeze_run(distributed):
+    model = make(seed=2)
+    model.body.requires_grad_(False)
+    opt = torch.optim.SGD(model.head.parameters(), lr=LR, momentum=0.9)
+    agent = hva.TorchAgent(model, opt, strategy=hva.Sync()) if distributed else None
+    for s in range(8):
+        if s == 3:
+            model.body.requires_grad_(True)
+            opt.add_param_group({"params": list(model.body.parameters()), "lr": 0.05})
+        opt.zero_grad()
+        loss_of(model, *batch(s, ctx.rank if distributed else None)).backward()
+        agent.step() if distributed else opt.step()
+    return model
+
+
+ours, reference = unfreeze_run(True), unfreeze_run(False)
+report("unfreeze", identical=identical(ours),
+       max_rel=float(np.max(np.abs(flat(ours) - flat(reference))) / np.max(np.abs(flat(reference)))),
+       body_moved=float(np.max(np.abs(ours.body.weight.detach() - make(seed=2).body.weight.detach()).numpy())))
+
+
+# 3. bfloat16 and mixed dtypes (a bf16 body, a float32 head) under Sync.
+def low_precision(mixed):
+    model = make(seed=3, dtype=torch.float32)
+    model.body.to(torch.bfloat16) if mixed else model.to(torch.bfloat16)
+
+    class Cast(torch.nn.Module):  # bf16 body, head in its own dtype
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            h = torch.tanh(self.inner.body(x.to(self.inner.body.weight.dtype)))
+            return self.inner.head(h.to(self.inner.head.weight.dtype))
+
+    net = Cast(model)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    agent = hva.TorchAgent(net, opt, strategy=hva.Sync())
+    losses = []
+    for s in range(40):
+        opt.zero_grad()
+        xb, yb = batch(s % 4, ctx.rank)
+        loss = torch.nn.functional.mse_loss(net(xb).float(), yb.float())
+        loss.backward()
+        agent.step()
+        losses.append(loss.item())
+    agent.close()
+    return {"identical": identical(model), "first": losses[0], "last": losses[-1],
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
+
+
+report("bf16", **low_precision(mixed=False))
+report("mixed_dtypes", **low_precision(mixed=True))
+
+
+# 4. Uneven data: rank r has 3 + r batches, then closes; the others go on. Reference: at every
+#    step, the mean of the gradients of the ranks that still have a batch (the documented rule).
+def uneven_batches(rank):
+    return [(X[(10 * rank + k) * 4:(10 * rank + k + 1) * 4], Y[(10 * rank + k) * 4:(10 * rank + k + 1) * 4])
+            for k in range(3 + rank)]
+
+
+model = make(seed=4)
+opt = torch.optim.SGD(model.parameters(), lr=LR)
+with hva.TorchAgent(model, opt, strategy=hva.Sync()) as agent:
+    for xb, yb in uneven_batches(ctx.rank):
+        opt.zero_grad()
+        loss_of(model, xb, yb).backward()
+        agent.step()
+reference = make(seed=4)
+ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
+for step in range(3 + ctx.size - 1):
+    active = [r for r in range(ctx.size) if step < 3 + r]
+    grads = []
+    for r in active:
+        reference.zero_grad()
+        loss_of(reference, *uneven_batches(r)[step]).backward()
+        grads.append([p.grad.clone() if p.grad is not None else None for p in reference.parameters()])
+    for i, p in enumerate(reference.parameters()):
+        present = [g[i] for g in grads if g[i] is not None]
+        p.grad = sum(present) / len(active) if present else None
+    ref_opt.step()
+report("uneven_sync", identical=identical(model),
+       max_rel=float(np.max(np.abs(flat(model) - flat(reference))) / np.max(np.abs(flat(reference)))))
+
+# 5. Uneven data under LocalSGD: every rank ends with the same model.
+model = make(seed=5)
+opt = torch.optim.SGD(model.parameters(), lr=LR)
+with hva.TorchAgent(model, opt, strategy=hva.LocalSGD(period=2)) as agent:
+    for xb, yb in uneven_batches(ctx.rank):
+        opt.zero_grad()
+        loss_of(model, xb, yb).backward()
+        agent.step()
+report("uneven_localsgd", identical=identical(model), moved=float(np.max(np.abs(flat(model) - flat(make(seed=5))))))
+
+
+# 6. An optimizer whose constructor needs more than the parameters is used as it is.
+class Scaled(torch.optim.SGD):
+    def __init__(self, params, scale, *, lr):
+        super().__init__(params, lr=lr * scale)
+
+
+model = make(seed=6)
+opt = Scaled(model.parameters(), 0.5, lr=LR)
+agent = hva.TorchAgent(model, opt, strategy=hva.Sync())
+opt.zero_grad()
+loss_of(model, *batch(0, ctx.rank)).backward()
+agent.step()
+report("custom_optimizer", identical=identical(model), same_object=agent.optimizer is opt)
+
+# 7. Ranks that freeze different parameters are told so, instead of hanging.
+model = make(seed=7)
+opt = torch.optim.SGD(model.parameters(), lr=LR)
+agent = hva.TorchAgent(model, opt, strategy=hva.Sync())
+if ctx.rank == 1:
+    model.head.bias.requires_grad_(False)
+opt.zero_grad()
+loss_of(model, *batch(0, ctx.rank)).backward()
+try:
+    agent.step()
+    message = "no error"
+except hva.ModelMismatchError as err:
+    message = str(err)
+report("different_trainable_sets", message=message)

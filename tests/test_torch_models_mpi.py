@@ -1,0 +1,57 @@
+"""TorchAgent(Sync) on the models users train (tests/scripts/torch_models.py, 2 ranks)."""
+
+import pytest
+
+from mpirun import run_job
+
+
+@pytest.fixture(scope="module")
+def checks():
+    job = run_job("torch_models.py", np=2, timeout=180).check()
+    return {r["check"]: r for r in job.results()}
+
+
+def test_frozen_layer_fine_tuning_equals_one_process_on_the_full_batch(checks):
+    frozen = checks["frozen"]
+    assert frozen["max_rel"] < 1e-10
+    assert frozen["body_moved"] == 0.0 and frozen["head_moved"] > 1e-3
+    assert frozen["identical"]
+
+
+def test_a_parameter_no_rank_has_a_gradient_for_is_not_moved_by_momentum_or_weight_decay(checks):
+    assert checks["frozen"]["unused_moved"] == 0.0
+
+
+def test_unfrozen_parameters_are_averaged_from_the_step_they_join(checks):
+    unfreeze = checks["unfreeze"]
+    assert unfreeze["identical"]
+    assert unfreeze["body_moved"] > 1e-3
+    assert unfreeze["max_rel"] < 1e-10
+
+
+@pytest.mark.parametrize("case", ["bf16", "mixed_dtypes"])
+def test_bfloat16_and_mixed_dtype_models_train_with_identical_ranks(checks, case):
+    result = checks[case]
+    assert result["identical"]
+    assert result["last"] < 0.8 * result["first"]
+    assert "torch.bfloat16" in result["dtypes"]
+    assert len(result["dtypes"]) == (2 if case == "mixed_dtypes" else 1)
+
+
+def test_uneven_data_sync_averages_over_the_ranks_still_training(checks):
+    uneven = checks["uneven_sync"]
+    assert uneven["identical"]
+    assert uneven["max_rel"] < 1e-10
+
+
+def test_uneven_data_localsgd_ends_in_one_model(checks):
+    assert checks["uneven_localsgd"]["identical"]
+    assert checks["uneven_localsgd"]["moved"] > 1e-3
+
+
+def test_the_users_optimizer_object_is_used_as_it_is(checks):
+    assert checks["custom_optimizer"] == {"check": "custom_optimizer", "identical": True, "same_object": True}
+
+
+def test_ranks_training_different_parameter_sets_get_an_error_not_a_hang(checks):
+    assert "the ranks train different sets of parameters" in checks["different_trainable_sets"]["message"]
