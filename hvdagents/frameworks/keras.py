@@ -133,7 +133,7 @@ class KerasAgent(Agent):
         if self.context.size == 1:
             return
         for v in variables:
-            value = np.ascontiguousarray(v.numpy())
+            value = np.array(v.numpy(), order="C")  # a writable copy; keeps 0-d shapes
             bcast_array(self.context.comm, value, root=root)
             if self.context.rank != root:
                 v.assign(value)
