@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from . import allreduce, overhead, scaling, store, straggler
+from . import allreduce, memory, overhead, scaling, store, straggler
 from ._common import DEFAULT_OUT, JobFailed, md_table, read_json
 
 __all__ = ["BENCHMARKS", "main", "render_results"]
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "store": store,
     "straggler": straggler,
     "scaling": scaling,
+    "memory": memory,
 }
 
 TITLES = {
@@ -37,6 +38,7 @@ TITLES = {
     "store": "Parameter store throughput",
     "straggler": "Straggler: time to a target loss",
     "scaling": "Scaling model (α–β)",
+    "memory": "Host memory per rank",
 }
 
 SUMMARY_HEADERS = ["benchmark", "metric", "ours", "baseline", "ours / baseline"]

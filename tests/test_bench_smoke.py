@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 #: Hard limit for the whole quick run (each MPI job inside has its own, shorter one).
 QUICK_RUN_TIMEOUT = 300
-NAMES = ["overhead", "allreduce", "store", "straggler", "scaling"]
+NAMES = ["overhead", "allreduce", "store", "straggler", "scaling", "memory"]
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
     "overhead": ["ranks", "target_ratio", "models"],
@@ -24,6 +24,7 @@ REQUIRED = {
     "store": ["n", "vector_bytes", "worlds"],
     "straggler": ["ranks", "target_loss", "summary", "runs"],
     "scaling": ["nodes", "links_gbit", "alpha", "seconds"],
+    "memory": ["n", "ranks", "model_mib", "strategies"],
 }
 MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
 SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
@@ -119,6 +120,9 @@ def test_quick_run_measures_what_it_compares(quick_out):
     for run in straggler["runs"]:
         assert run["reached_s"] is None or run["reached_s"] > 0, run
         assert len(run["steps"]) == straggler["ranks"]
+    memory = json.loads((quick_out / "memory.json").read_text())
+    assert [s["strategy"] for s in memory["strategies"]] == ["sync", "localsgd", "downpour", "easgd", "gossip"]
+    assert all(s["peak_over_baseline"] >= 1.0 for s in memory["strategies"])  # peaks only grow
     scaling = json.loads((quick_out / "scaling.json").read_text())
     assert scaling["alpha"]["source"].startswith("fitted"), "scaling must use the all-reduce fit of the same run"
 

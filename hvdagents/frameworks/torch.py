@@ -12,7 +12,6 @@ strategies exchange a host copy in float64 when any parameter is float64, else f
 
 from __future__ import annotations
 
-import io
 from typing import IO, Any, Callable
 
 import numpy as np
@@ -239,4 +238,6 @@ class TorchAgent(Agent):
         torch.save(payload, handle)
 
     def _read_payload(self, handle: IO[bytes]) -> dict:
-        return torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=False)
+        # Memory-mapped: the tensors are read from the file as they are copied into the model,
+        # so resuming does not hold a second copy of the state in memory.
+        return torch.load(handle.name, map_location="cpu", weights_only=False, mmap=True)

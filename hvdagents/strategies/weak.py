@@ -216,8 +216,11 @@ class _CentreRunner(WeakRunner):
 
     def _seed(self, params: ParameterAccess) -> None:
         self._store.init(self._flat(params) if self._comm.Get_rank() == 0 else None)
-        self._pulled = self._store.pull()
-        params.set_flat(self._pulled)  # never written again: later pulls make new arrays
+        self._take_centre(params, self._store.pull())
+
+    def _take_centre(self, params: ParameterAccess, centre: np.ndarray) -> None:
+        """Set the model to a freshly pulled ``centre`` (kept by runners that need it)."""
+        params.set_flat(centre)
 
     def _consensus(self, params: ParameterAccess) -> np.ndarray:
         return self._store.pull()
@@ -242,10 +245,13 @@ class DownpourRunner(_CentreRunner):
             delta /= self.strategy.period
         self._store.push(delta)
 
+    def _take_centre(self, params: ParameterAccess, centre: np.ndarray) -> None:
+        self._pulled = centre  # never written again: later pulls make new arrays
+        params.set_flat(centre)
+
     def _exchange(self, params: ParameterAccess) -> None:
         self._push_change(params)
-        self._pulled = self._store.pull()
-        params.set_flat(self._pulled)
+        self._take_centre(params, self._store.pull())
 
     def _settle(self, params: ParameterAccess) -> None:
         if self.state.step != self.state.last_sync_step:
@@ -258,10 +264,10 @@ class EASGDRunner(_CentreRunner):
     strategy: EASGD
 
     def _exchange(self, params: ParameterAccess) -> None:
-        x = self._flat(params)
+        x = self._flat(params)  # a fresh host copy: updated in place
         elastic = x - self._store.pull()
         elastic *= self.strategy.alpha
-        x = x - elastic
+        x -= elastic
         self._store.push(elastic)
         params.set_flat(x)
 
