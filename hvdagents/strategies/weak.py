@@ -35,6 +35,9 @@ __all__ = ["WeakRunner", "DownpourRunner", "EASGDRunner", "GossipRunner", "make_
 
 _NEW, _RUNNING, _FINISHED = "new", "running", "finished"
 
+#: Elements summed per MPI call in Gossip's final average (float64 pieces of 32 MiB).
+CONSENSUS_PIECE = 1 << 22
+
 
 def mpi_world_comm() -> Any:
     """``COMM_WORLD``, or a LauncherError naming the fix when the launch has no MPI world."""
@@ -329,18 +332,21 @@ class GossipRunner(WeakRunner):
         params.set_flat(mixed.astype(self._dtype, copy=False))
 
     def _consensus(self, params: ParameterAccess) -> np.ndarray:
-        """The exact average, summed once on rank 0 and broadcast: bit-identical everywhere
-        (an ``Allreduce`` does not promise the same bits on every rank)."""
+        """The exact average, summed in float64 on rank 0 and broadcast: bit-identical
+        everywhere (an ``Allreduce`` does not promise the same bits on every rank). Summed in
+        pieces of :data:`CONSENSUS_PIECE` elements, so no float64 copy of the whole model."""
         from mpi4py import MPI
 
         comm = self._comm
-        local = self._flat(params).astype(np.float64)
-        total = np.empty_like(local) if comm.Get_rank() == 0 else None
-        comm.Reduce(local, total, op=MPI.SUM, root=0)
-        if total is not None:
-            mean = (total / comm.Get_size()).astype(self._dtype)
-        else:
-            mean = np.empty_like(self._scratch)
+        root = comm.Get_rank() == 0
+        local = self._flat(params)
+        mean = np.empty_like(local)
+        for lo in range(0, local.size, CONSENSUS_PIECE):
+            piece = local[lo:lo + CONSENSUS_PIECE].astype(np.float64)
+            total = np.empty_like(piece) if root else None
+            comm.Reduce(piece, total, op=MPI.SUM, root=0)
+            if root:
+                mean[lo:lo + piece.size] = total / comm.Get_size()
         comm.Bcast(mean, root=0)
         return mean
 
