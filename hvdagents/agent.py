@@ -20,8 +20,9 @@ from .checkpoint import write_atomic
 from .collectives import allgather_object, bcast_object
 from .errors import ClosedError, ModelMismatchError
 from .runtime import Context, horovod_binding, init, pin_gpu
-from .strategies.base import Runner, RunnerState, make_runner
+from .strategies.base import Runner, RunnerState
 from .strategies.config import Strategy, Sync
+from .strategies.registry import make_runner
 
 __all__ = ["Agent", "ParameterSignature", "check_same_model"]
 
@@ -249,14 +250,16 @@ class Agent(ABC):
     def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
         """Rank 0 writes model, optimizer, strategy state and ``extra`` (e.g. ``epoch=3``)
         atomically: a temporary file, then a rename. Other ranks return at once; not collective.
-        With an asynchronous strategy rank 0 saves its own model; ``close()`` first for the
-        consensus."""
+        With an asynchronous strategy rank 0 saves its own model and, for Downpour and EASGD,
+        the centre (pulled one-sidedly), which :meth:`load_checkpoint` puts back; ``close()``
+        first for the consensus."""
         self._check_open()
         if not self.context.is_root:
             return
         payload = {
             "framework_state": self._framework_state(),
             "strategy_state": self.runner_state.to_dict(),
+            "strategy_shared": self._runner.snapshot(),  # the centre, pulled one-sidedly
             "extra": extra,
         }
         write_atomic(path, lambda handle: self._write_payload(payload, handle))
@@ -277,16 +280,18 @@ class Agent(ABC):
         error = self._broadcast_object(error, name="hvdagents.ckpt.error")
         if error:
             raise FileNotFoundError(error)
+        shared = None
         if self.context.rank == ROOT_RANK:
             self._restore_framework_state(payload["framework_state"])
             rest = {"strategy_state": payload["strategy_state"], "extra": payload["extra"]}
+            shared = payload.get("strategy_shared")  # read by rank 0 only (the centre's init)
             del payload  # the model holds the state now: do not keep a second copy
         else:
             rest = None
         self._broadcast_state()  # tensor by tensor: checkpoints of any size
         rest = self._broadcast_object(rest, name="hvdagents.ckpt")
         self._runner.state = RunnerState.from_dict(rest["strategy_state"])
-        self._runner.reseed(self)
+        self._runner.restore(self, shared)
         return dict(rest["extra"])
 
     @abstractmethod

@@ -143,7 +143,7 @@ def test_context_in_plain_python():
         (lambda: hva.EASGD(period=0), "EASGD.period"),
         (lambda: hva.Gossip(period=0), "Gossip.period"),
         (lambda: hva.Gossip(max_staleness=-2), "Gossip.max_staleness"),
-        (lambda: hva.Gossip(weights=[[0.5, 0.2], [0.5, 0.5]]), "Gossip.weights must be row-stochastic"),
+        (lambda: hva.Gossip(weights=[[0.5, 0.2], [0.5, 0.5]]), "Gossip.weights must be doubly stochastic"),
         (lambda: hva.Gossip(weights=[[1.0, 0.0]]), "Gossip.weights must be a square"),
         (lambda: hva.Gossip(weights=[[1.5, -0.5], [0.5, 0.5]]), "non-negative"),
     ],

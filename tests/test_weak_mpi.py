@@ -40,7 +40,7 @@ def test_runner_misuse_is_refused(np_):
         assert out["windows_after_refusal"] == 0
         assert out["step_before_start"].startswith("UsageError: after_step() was called before start()")
         assert out["finish_before_start"].startswith("UsageError: finish() was called before start()")
-        assert out["start_twice"].startswith("UsageError: start() was called on a running DownpourRunner")
+        assert out["start_twice"].startswith("UsageError: start() was called on a running Downpour runner")
         assert out["finish_again"] == "ok"
         assert out["step_after_finish"].startswith("UsageError: after_step() was called after finish()")
         assert out["windows_after_finish"] == 0

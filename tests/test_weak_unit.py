@@ -5,9 +5,11 @@ Each bad setting raises ValueError (TypeError for a wrong type) naming the field
 import pytest
 
 from hvdagents.errors import UsageError
-from hvdagents.strategies.base import make_runner
-from hvdagents.strategies.config import EASGD, Downpour, Gossip, Sync
-from hvdagents.strategies.weak import DownpourRunner, EASGDRunner, GossipRunner, make_weak_runner
+from hvdagents.strategies.config import EASGD, Downpour, Gossip, LocalSGD, Sync
+from hvdagents.strategies.exchanges import DownpourExchange, EASGDExchange, GossipExchange
+from hvdagents.strategies.registry import make_runner
+from hvdagents.strategies.staleness import StalenessBound
+from hvdagents.strategies.weak import AsyncRunner
 from mpirun import run_job
 
 
@@ -21,7 +23,8 @@ from mpirun import run_job
     (lambda: Gossip(period=0), "Gossip.period must be >= 1; got 0"),
     (lambda: Gossip(weights=[[0.5, 0.5]]), r"Gossip.weights must be a square matrix; got shape \(1, 2\)"),
     (lambda: Gossip(weights=[[1.5, -0.5], [0.5, 0.5]]), "Gossip.weights must be finite and non-negative"),
-    (lambda: Gossip(weights=[[0.5, 0.4], [0.5, 0.5]]), "row-stochastic.*row 0 sums to 0.9"),
+    (lambda: Gossip(weights=[[0.5, 0.4], [0.5, 0.5]]), "doubly stochastic.*row 0 sums to 0.9"),
+    (lambda: Gossip(weights=[[0.5, 0.5], [0.0, 1.0]]), "doubly stochastic.*column 0 sums to 0.5"),
     (lambda: Gossip(weights=[[1.0]]).matrix(2), "Gossip.weights must be 2x2 for 2 ranks; got 1x1"),
 ])
 def test_bad_values_name_the_field(make, message):
@@ -32,6 +35,7 @@ def test_bad_values_name_the_field(make, message):
 @pytest.mark.parametrize("make, message", [
     (lambda: Downpour(period=2.0), "Downpour.period must be an int"),
     (lambda: Downpour(normalize="yes"), "Downpour.normalize must be a bool"),
+    (lambda: Downpour(staleness_aware=1), "Downpour.staleness_aware must be a bool"),
     (lambda: EASGD(alpha="0.1"), "EASGD.alpha must be a float"),
     (lambda: Gossip(period=True), "Gossip.period must be an int"),
 ])
@@ -40,23 +44,27 @@ def test_bad_types_name_the_field(make, message):
         make()
 
 
-@pytest.mark.parametrize("strategy, runner", [
-    (Downpour(), DownpourRunner), (EASGD(), EASGDRunner), (Gossip(), GossipRunner),
+@pytest.mark.parametrize("strategy, exchange", [
+    (Downpour(), DownpourExchange), (EASGD(), EASGDExchange), (Gossip(), GossipExchange),
 ])
-def test_each_weak_strategy_gets_its_runner(strategy, runner):
-    assert type(make_runner(strategy)) is runner
-    assert type(make_weak_runner(strategy)) is runner
+def test_each_weak_strategy_gets_an_async_runner_with_its_exchange(strategy, exchange):
+    runner = make_runner(strategy)
+    assert type(runner) is AsyncRunner and runner._exchange_type is exchange
 
 
-def test_make_weak_runner_refuses_other_strategies():
-    with pytest.raises(TypeError, match="make_weak_runner takes .*; got Sync"):
-        make_weak_runner(Sync())
+def test_make_runner_refuses_what_is_not_a_strategy():
+    with pytest.raises(TypeError, match=r"strategy must be an hvdagents strategy .*; got str"):
+        make_runner("sync")
 
 
-def test_staleness_bound_is_read_from_the_settings():
-    assert make_runner(Downpour(max_staleness=3)).max_staleness == 3
-    assert make_runner(EASGD(max_staleness=0)).max_staleness == 0
-    assert make_runner(Gossip()).max_staleness is None
+def test_the_staleness_bound_wraps_the_runner_when_set():
+    for strategy in (Downpour(max_staleness=3), EASGD(max_staleness=0), Gossip(max_staleness=1)):
+        runner = make_runner(strategy)
+        assert type(runner) is StalenessBound and runner.max_staleness == strategy.max_staleness
+        assert type(runner.inner) is AsyncRunner
+    assert type(make_runner(Gossip())) is AsyncRunner
+    assert not isinstance(make_runner(Sync()), StalenessBound)
+    assert not isinstance(make_runner(LocalSGD()), StalenessBound)
 
 
 @pytest.mark.parametrize("method", ["after_step", "finish"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from hvdagents.errors import ClosedError, UsageError
-from hvdagents.strategies import window
 from hvdagents.strategies.window import RETIRED, ClockWindow, ParameterWindow, PeerWindow
+from hvdagents.strategies.windows import _base as window
 
 MPI = pytest.importorskip("mpi4py.MPI")
 SELF = MPI.COMM_SELF

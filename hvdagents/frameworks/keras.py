@@ -20,7 +20,7 @@ from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..collectives import bcast_array
 from ..errors import UsageError
 from ..runtime import horovod_binding
-from ..strategies.config import Strategy, Sync
+from ..strategies.config import Strategy
 
 __all__ = ["KerasAgent", "broadcast_variables", "average_values"]
 
@@ -101,7 +101,7 @@ class KerasAgent(Agent):
             raise UsageError(
                 "KerasAgent needs a built model: give it an input shape (keras.Input) or call model.build()"
             )
-        if isinstance(self.strategy, Sync) and self.strategy.backward_passes_per_step != 1:
+        if self.strategy.averages_gradients and self.strategy.backward_passes_per_step != 1:
             raise ValueError(
                 "Sync.backward_passes_per_step must be 1 with KerasAgent; for gradient accumulation set "
                 f"gradient_accumulation_steps on the Keras optimizer; got {self.strategy.backward_passes_per_step}"
@@ -111,7 +111,7 @@ class KerasAgent(Agent):
         wide = {np.dtype(v.dtype).itemsize > 4 for v in variables}
         self._dtype = np.dtype(np.float64 if True in wide else np.float32)
         check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
-        if isinstance(self.strategy, Sync):
+        if self.strategy.averages_gradients:
             # The same hand-over Keras' compile() makes for LossScaleOptimizer.
             model.optimizer = distributed_outermost(model.optimizer, self.strategy.compression)
         model.jit_compile = False
@@ -145,7 +145,7 @@ class KerasAgent(Agent):
         the strategy's step."""
         from ..keras.callbacks import MetricAverageCallback, StrategyCallback, SyncStepCounter
 
-        if isinstance(self.strategy, Sync):
+        if self.strategy.averages_gradients:
             return [MetricAverageCallback(), SyncStepCounter(self)]
         averaging = [MetricAverageCallback()] if self.strategy.synchronous else []
         return [*averaging, StrategyCallback(self)]

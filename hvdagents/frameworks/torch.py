@@ -19,7 +19,7 @@ import torch
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..collectives import bcast_array, bcast_tree
-from ..strategies.config import Strategy, Sync
+from ..strategies.config import Strategy
 from .torch_grads import GradientAllreducer, wire_tensor
 
 __all__ = ["TorchAgent"]
@@ -95,7 +95,7 @@ class TorchAgent(Agent):
         check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
         self._broadcast_state()
         self._gradients: GradientAllreducer | None = None
-        if isinstance(self.strategy, Sync):
+        if self.strategy.averages_gradients:
             self._gradients = GradientAllreducer(
                 self._hvd, model, optimizer,
                 compression=self.strategy.compression,

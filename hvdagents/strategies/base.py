@@ -1,7 +1,7 @@
 """The strategy interface: what a runner sees of a model, and what it does after a step.
 
 An agent turns a strategy's settings (:mod:`.config`) into a *runner* with
-:func:`make_runner`. A runner has three moments, called by the agent on every rank:
+:func:`~.registry.make_runner`. A runner has three moments, called by the agent on every rank:
 
 - ``start(params)``: collective, once, after rank 0's state was broadcast;
 - ``after_step(params)``: after every local optimizer step;
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from .config import LocalSGD, Strategy, Sync
+from .config import LocalSGD, Strategy
 
-__all__ = ["ParameterAccess", "RunnerState", "Runner", "SyncRunner", "LocalSGDRunner", "make_runner"]
+__all__ = ["ParameterAccess", "RunnerState", "Runner", "SyncRunner", "LocalSGDRunner"]
 
 
 class ParameterAccess(Protocol):
@@ -76,8 +76,19 @@ class Runner(ABC):
         """Called after every local optimizer step; the runner counts steps itself."""
 
     def reseed(self, params: ParameterAccess) -> None:
-        """Collective: the model was replaced on every rank (a checkpoint was loaded); shared
-        state the runner keeps beside the model (an RMA store) must start again from it."""
+        """Collective: the model was replaced on every rank; shared state the runner keeps
+        beside the model (an RMA store) must start again from it."""
+
+    def snapshot(self) -> Optional[np.ndarray]:
+        """One-sided: shared state beside the model that a checkpoint must keep (the centre
+        of Downpour/EASGD), or ``None``."""
+        return None
+
+    def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
+        """Collective: a checkpoint was loaded on every rank; ``saved`` is rank 0's
+        :meth:`snapshot` from it (read on rank 0 only; ``None`` means start the shared state
+        again from the model, as :meth:`reseed`)."""
+        self.reseed(params)
 
     def finish(self, params: ParameterAccess) -> None:
         """Collective: called once on every rank; leaves one consensus model everywhere."""
@@ -108,19 +119,3 @@ class LocalSGDRunner(Runner):
         if self.state.last_sync_step != self.state.step:
             params.average_parameters()
             self.state.last_sync_step = self.state.step
-
-
-def make_runner(strategy: Strategy) -> Runner:
-    """The runner for ``strategy`` (weak strategies need an MPI world: see :mod:`.weak`)."""
-    if isinstance(strategy, Sync):
-        return SyncRunner(strategy)
-    if isinstance(strategy, LocalSGD):
-        return LocalSGDRunner(strategy)
-    if not isinstance(strategy, Strategy):
-        raise TypeError(
-            f"strategy must be an hvdagents strategy (hva.Sync(), hva.LocalSGD(), hva.Downpour(), "
-            f"hva.EASGD(), hva.Gossip()); got {type(strategy).__name__}"
-        )
-    from .weak import make_weak_runner
-
-    return make_weak_runner(strategy)

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["Strategy", "Sync", "LocalSGD", "Downpour", "EASGD", "Gossip"]
 
-#: Tolerance for the row sums of a Gossip mixing matrix.
+#: Tolerance for the row and column sums of a Gossip mixing matrix.
 ROW_SUM_TOLERANCE = 1e-6
 
 
@@ -35,9 +35,12 @@ def _check_staleness(owner: str, value: Optional[int]) -> None:
 
 @dataclass(frozen=True)
 class Strategy:
-    """Base of all strategy settings. ``synchronous`` tells the two families apart."""
+    """Base of all strategy settings. ``synchronous`` tells the two families apart (the
+    synchronous ones communicate collectively, through Horovod); ``averages_gradients``
+    marks the one whose agents all-reduce gradients before each step (``Sync``)."""
 
     synchronous = True
+    averages_gradients = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class Sync(Strategy):
     locally before one all-reduce and one optimizer step.
     """
 
+    averages_gradients = True
     compression: Optional[str] = None
     backward_passes_per_step: int = 1
 
@@ -74,20 +78,24 @@ class Downpour(Strategy):
 
     Every ``period`` local steps an agent pushes its accumulated change since its last pull
     (divided by ``period`` when ``normalize``, as ADAG does) and pulls the centre.
-    ``max_staleness``: no agent runs more than this many steps ahead of the slowest
-    (Stale Synchronous Parallel); ``None`` for no bound.
+    ``staleness_aware``: each push is divided by τ, the number of updates the centre
+    received since this agent's pull (its own included), so late updates count less (Zhang
+    et al. 2016). ``max_staleness``: no agent runs more than this many steps ahead of the
+    slowest (Stale Synchronous Parallel); ``None`` for no bound.
     """
 
     synchronous = False
     period: int = 4
     max_staleness: Optional[int] = None
     normalize: bool = False
+    staleness_aware: bool = False
 
     def __post_init__(self) -> None:
         _check_int("Downpour", "period", self.period, 1)
         _check_staleness("Downpour", self.max_staleness)
-        if not isinstance(self.normalize, bool):
-            raise TypeError(f"Downpour.normalize must be a bool; got {self.normalize!r}")
+        for field in ("normalize", "staleness_aware"):
+            if not isinstance(getattr(self, field), bool):
+                raise TypeError(f"Downpour.{field} must be a bool; got {getattr(self, field)!r}")
 
 
 @dataclass(frozen=True)
@@ -115,10 +123,13 @@ class EASGD(Strategy):
 class Gossip(Strategy):
     """Decentralized averaging through the peers' own windows (Lian et al. 2018, AD-PSGD).
 
-    Every ``period`` steps agent i publishes its parameters in its window and mixes in its
-    peers': ``x_i <- sum_j weights[i][j] * x_j``. ``weights=None`` is uniform pairwise
-    gossip (one random peer, weight 1/2 each); a matrix must be square, non-negative and
-    row-stochastic (checked here, and against the world size when the agent starts).
+    Every ``period`` steps agent i averages with its peers, and the peers' side of each
+    average reaches them one-sidedly (an inbox they empty at their next exchange), so the
+    mean of all models never changes. ``weights=None`` is uniform pairwise gossip (one random
+    peer; both end at the pair's average); a matrix W must be square, non-negative and doubly
+    stochastic (every row and every column sums to 1: a mixing that preserves the mean;
+    checked here, and against the world size when the agent starts); a round of exchanges
+    then mixes by (W + Wᵀ) / 2, W itself when it is symmetric.
     ``max_staleness``: as for Downpour; keeps agents that share cores (or run at very
     different speeds) from training apart long enough for their models to drift apart.
     """
@@ -142,13 +153,15 @@ class Gossip(Strategy):
             raise ValueError(f"Gossip.weights must be a square matrix; got shape {w.shape}")
         if not np.all(np.isfinite(w)) or np.any(w < 0):
             raise ValueError("Gossip.weights must be finite and non-negative")
-        sums = w.sum(axis=1)
-        bad = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOLERANCE)
-        if bad.size:
-            raise ValueError(
-                f"Gossip.weights must be row-stochastic (every row sums to 1); "
-                f"row {int(bad[0])} sums to {sums[bad[0]]:.6g}"
-            )
+        for axis, kind in ((1, "row"), (0, "column")):
+            sums = w.sum(axis=axis)
+            bad = np.flatnonzero(np.abs(sums - 1.0) > ROW_SUM_TOLERANCE)
+            if bad.size:
+                raise ValueError(
+                    "Gossip.weights must be doubly stochastic (every row and every column sums "
+                    "to 1), so that mixing preserves the mean of the models; "
+                    f"{kind} {int(bad[0])} sums to {sums[bad[0]]:.6g}"
+                )
         # store an immutable copy so the frozen object cannot change under us
         object.__setattr__(self, "weights", tuple(tuple(float(v) for v in row) for row in w))
 

@@ -15,7 +15,7 @@ from _report import emit
 from weak_model import VectorModel, consensus, strategy, target
 
 import hvdagents as hva
-from hvdagents.strategies.base import make_runner
+from hvdagents.strategies.registry import make_runner
 
 LR = 0.1
 name, steps = sys.argv[1], int(sys.argv[2])

@@ -7,7 +7,7 @@ from weak_model import VectorModel, strategy, target
 
 import hvdagents as hva
 from hvdagents.errors import LauncherError
-from hvdagents.strategies.base import make_runner
+from hvdagents.strategies.registry import make_runner
 from hvdagents.strategies.window import ParameterWindow
 
 ctx = hva.init()

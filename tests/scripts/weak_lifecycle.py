@@ -13,8 +13,8 @@ from weak_model import VectorModel, strategy, target
 
 import hvdagents as hva
 from hvdagents.errors import UsageError
-from hvdagents.strategies import window
-from hvdagents.strategies.base import make_runner
+from hvdagents.strategies.windows import _base as window
+from hvdagents.strategies.registry import make_runner
 from hvdagents.strategies.config import Gossip
 
 ctx = hva.init()
@@ -54,7 +54,7 @@ for name in ("downpour", "easgd-ssp", "gossip"):
     runner.start(model)
     # ranks at different steps, as in a real run (not under a bound: a rank ahead would wait
     # for one that stopped short at the barrier below, which is the documented deadlock)
-    for _ in range(5 + (2 * rank if runner.max_staleness is None else 0)):
+    for _ in range(5 + (2 * rank if getattr(runner, "max_staleness", None) is None else 0)):
         model.train_step(0.1)
         runner.after_step(model)
     comm.Barrier()

@@ -15,7 +15,7 @@ from _report import emit
 from weak_model import VectorModel, target
 
 import hvdagents as hva
-from hvdagents.strategies.base import make_runner
+from hvdagents.strategies.registry import make_runner
 from hvdagents.strategies.config import Downpour
 from hvdagents.strategies.window import RETIRED
 
@@ -36,7 +36,7 @@ def phase(strategy, budget):
     while time.monotonic() < deadline:
         model.train_step(LR, seconds=SLOW_S if slow else 0.0)
         runner.after_step(model)
-        if runner.clock is not None:
+        if getattr(runner, "clock", None) is not None:  # a StalenessBound: read its clocks
             values = runner.clock.clocks()
             active = values[values != RETIRED]
             gaps.append(int(active.max() - active.min()))

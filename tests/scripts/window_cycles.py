@@ -18,7 +18,7 @@ import numpy as np
 from _report import emit
 
 import hvdagents as hva
-from hvdagents.strategies import window
+from hvdagents.strategies.windows import _base as window
 from hvdagents.strategies.window import ClockWindow, ParameterWindow, PeerWindow
 
 WARMUP = 20

@@ -1,0 +1,36 @@
+"""The one place that maps a strategy's settings to the runner that carries it out."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import LocalSGDRunner, Runner, SyncRunner
+from .config import EASGD, Downpour, Gossip, LocalSGD, Strategy, Sync
+from .exchanges import DownpourExchange, EASGDExchange, GossipExchange
+from .staleness import StalenessBound
+from .weak import AsyncRunner
+
+__all__ = ["make_runner", "RUNNERS"]
+
+#: Strategy settings class -> runner factory.
+RUNNERS: dict[type, Callable[[Strategy], Runner]] = {
+    Sync: SyncRunner,
+    LocalSGD: LocalSGDRunner,
+    Downpour: lambda s: AsyncRunner(s, DownpourExchange),
+    EASGD: lambda s: AsyncRunner(s, EASGDExchange),
+    Gossip: lambda s: AsyncRunner(s, GossipExchange),
+}
+
+
+def make_runner(strategy: Strategy) -> Runner:
+    """The runner for ``strategy``, wrapped in a :class:`StalenessBound` when the settings
+    have ``max_staleness``. Local: no communication until the agent calls ``start``."""
+    factory = next((f for cls, f in RUNNERS.items() if isinstance(strategy, cls)), None)
+    if factory is None:
+        raise TypeError(
+            f"strategy must be an hvdagents strategy (hva.Sync(), hva.LocalSGD(), hva.Downpour(), "
+            f"hva.EASGD(), hva.Gossip()); got {type(strategy).__name__}"
+        )
+    runner = factory(strategy)
+    bound = getattr(strategy, "max_staleness", None)
+    return runner if bound is None else StalenessBound(runner, bound)

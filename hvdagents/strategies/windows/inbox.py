@@ -1,0 +1,80 @@
+"""Inbox windows: every rank holds a full vector that any rank adds to and its owner empties.
+
+Gossip uses one to make a pairwise exchange update both sides without the peer taking part:
+the caller moves its own model by ``d`` and delivers ``-d`` to the peer's inbox; the peer
+takes what arrived at its next exchange. Nothing delivered is lost or counted twice, so the
+sum of all models plus all inboxes never changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from ._base import Window, agree, check_vector_args, mpi, resolve_comm
+
+__all__ = ["InboxWindow"]
+
+
+class InboxWindow(Window):
+    """A vector of ``n`` floats per rank: anyone adds to it (:meth:`deliver`), its owner
+    empties it (:meth:`take`).
+
+    Construction is collective (every rank of ``comm``, same ``n`` and ``dtype``) and
+    blocking; every inbox starts at zero. Both operations are one-sided and element-wise
+    atomic, and only ``SUM`` and ``NO_OP`` ever touch an inbox (MPI's ``same_op_no_op``):
+    :meth:`take` reads the inbox and then subtracts what it read, so a delivery racing with
+    it is kept for the next take, never lost.
+    """
+
+    def __init__(self, n: int, dtype: Any = np.float32, *, comm: Any = None) -> None:
+        comm = resolve_comm(comm)
+        problem, n, dt = check_vector_args("InboxWindow", n, dtype)
+        agree(comm, "InboxWindow", problem, (n, None if dt is None else dt.str))
+        self._n = n
+        super().__init__(comm, n, dt)
+
+    @property
+    def size(self) -> int:
+        """Number of elements ``n`` of each rank's inbox."""
+        return self._n
+
+    def deliver(self, rank: int, values: np.ndarray) -> None:
+        """Add ``values`` to ``rank``'s inbox.
+
+        One-sided: ``rank`` does not take part. ``MPI_Accumulate(SUM)``, then ``Flush``:
+        blocking until the addition is complete at ``rank``. Concurrent deliveries from any
+        ranks are never lost."""
+        MPI = mpi()
+        if not 0 <= rank < self._nranks:
+            raise ValueError(f"InboxWindow.deliver rank must be in [0, {self._nranks}); got {rank}")
+        with self._lock:
+            win = self._win()
+            buf = self._checked("deliver values", values, self._n)
+            win.Accumulate([buf, self._mpitype], rank, target=(0, self._n, self._mpitype), op=MPI.SUM)
+            win.Flush(rank)
+
+    def take(self, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Empty this rank's inbox: return what it held (into ``out`` or a new array).
+
+        One-sided, on this rank's own memory: ``Get_accumulate(NO_OP)`` reads every element
+        whole, then ``Accumulate(SUM)`` of its negation removes exactly what was read; a
+        delivery in between stays in the inbox for the next take."""
+        MPI = mpi()
+        with self._lock:
+            win = self._win()
+            if out is None:
+                out = np.empty(self._n, self._dtype)
+            else:
+                out = self._checked("take out", out, self._n, writable=True)
+            target = (0, self._n, self._mpitype)
+            win.Get_accumulate([None, 0, self._mpitype], [out, self._mpitype], self._rank,
+                               target=target, op=MPI.NO_OP)
+            win.Flush(self._rank)
+            win.Accumulate([np.negative(out), self._mpitype], self._rank, target=target, op=MPI.SUM)
+            win.Flush(self._rank)
+            return out
+
+    def __repr__(self) -> str:
+        return f"InboxWindow(n={self._n}, dtype={self._dtype}{', closed' if self.closed else ''})"

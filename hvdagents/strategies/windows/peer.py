@@ -1,0 +1,72 @@
+"""Peer windows: every rank publishes a full vector that any rank reads one-sidedly."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from ._base import Window, agree, check_vector_args, mpi, resolve_comm
+
+__all__ = ["PeerWindow"]
+
+
+class PeerWindow(Window):
+    """Every rank holds a full vector of ``n`` floats that it alone publishes and anyone reads.
+
+    Construction is collective (every rank of ``comm``, same ``n`` and ``dtype``) and
+    blocking; every vector starts at zero. :meth:`publish` and :meth:`read` are one-sided:
+    an agent publishes its parameters while peers read them, element-wise atomically (a
+    read may mix two publications, element by element, but never tears an element).
+    """
+
+    def __init__(self, n: int, dtype: Any = np.float32, *, comm: Any = None) -> None:
+        comm = resolve_comm(comm)
+        problem, n, dt = check_vector_args("PeerWindow", n, dtype)
+        agree(comm, "PeerWindow", problem, (n, None if dt is None else dt.str))
+        self._n = n
+        super().__init__(comm, n, dt)
+
+    @property
+    def size(self) -> int:
+        """Number of elements ``n`` of each rank's vector."""
+        return self._n
+
+    def publish(self, values: np.ndarray) -> None:
+        """Overwrite this rank's vector with ``values``.
+
+        One-sided and local to this rank's window (``Accumulate(REPLACE)`` on itself, then
+        ``Flush``); blocking until the values are visible to every later :meth:`read`.
+        """
+        MPI = mpi()
+        with self._lock:
+            win = self._win()
+            buf = self._checked("publish values", values, self._n)
+            target = (0, self._n, self._mpitype)
+            win.Accumulate([buf, self._mpitype], self._rank, target=target, op=MPI.REPLACE)
+            win.Flush(self._rank)
+
+    def read(self, rank: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Read ``rank``'s published vector into ``out`` (or a new array) and return it.
+
+        One-sided: ``rank`` does not take part. ``MPI_Get_accumulate(NO_OP)``, blocking
+        until the data has arrived; every element is a whole published value.
+        """
+        MPI = mpi()
+        if not 0 <= rank < self._nranks:
+            raise ValueError(f"PeerWindow.read rank must be in [0, {self._nranks}); got {rank}")
+        with self._lock:
+            win = self._win()
+            if out is None:
+                out = np.empty(self._n, self._dtype)
+            else:
+                out = self._checked("read out", out, self._n, writable=True)
+            win.Get_accumulate(
+                [None, 0, self._mpitype], [out, self._mpitype], rank,
+                target=(0, self._n, self._mpitype), op=MPI.NO_OP,
+            )
+            win.Flush(rank)
+            return out
+
+    def __repr__(self) -> str:
+        return f"PeerWindow(n={self._n}, dtype={self._dtype}{', closed' if self.closed else ''})"
