@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from . import allreduce, memory, overhead, scaling, store, straggler
+from . import allreduce, longrun, memory, overhead, scaling, store, straggler
 from ._common import DEFAULT_OUT, JobFailed, md_table, read_json
 
 __all__ = ["BENCHMARKS", "main", "render_results"]
@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "straggler": straggler,
     "scaling": scaling,
     "memory": memory,
+    "longrun": longrun,
 }
 
 TITLES = {
@@ -39,6 +40,7 @@ TITLES = {
     "straggler": "Straggler: time to a target loss",
     "scaling": "Scaling model (α–β)",
     "memory": "Host memory per rank",
+    "longrun": "Long asynchronous runs (200 epochs)",
 }
 
 SUMMARY_HEADERS = ["benchmark", "metric", "ours", "baseline", "ours / baseline"]

@@ -20,7 +20,7 @@ __all__ = ["NAME", "STRATEGIES", "run", "summary_rows", "markdown"]
 
 NAME = "straggler"
 RANKS = 4
-STRATEGIES = ("sync", "downpour", "easgd", "gossip")
+STRATEGIES = ("sync", "downpour", "downpour-staleness", "easgd", "gossip")
 FULL = {"target_loss": 0.1, "budget": 20.0, "reps": 5, "device_ms": 10.0}
 QUICK = {"target_loss": 1.0, "budget": 5.0, "reps": 1, "device_ms": 1.0}
 TIMEOUT_S = {False: 900, True: 120}
@@ -101,7 +101,8 @@ def markdown(payload: dict[str, Any]) -> str:
     return (
         f"Digits (scikit-learn), MLP 64-{st['hidden']}-{st['hidden']}-10, batch {st['batch']} per rank, SGD lr "
         f"{st['lr']} momentum {st['momentum']}; {payload['ranks']} ranks on this machine's cores. Downpour: "
-        f"period {st['period']}, normalised; EASGD: α {st['alpha']}, period {st['period']}; Gossip: period 1, "
+        f"period {st['period']}, normalised (*downpour-staleness*: each push also divided by its staleness τ, "
+        "Zhang et al. 2016); EASGD: α {st['alpha']}, period {st['period']}; Gossip: period 1, "
         f"random peer. Every step includes {st['device_ms']:g} ms of simulated accelerator time (a sleep: the "
         f"{payload['ranks']} ranks share this machine's cores, and real compute would contend for them). Time until "
         f"rank 0's model first has test loss ≤ {payload['target_loss']} (evaluated every 5 steps), budget "

@@ -16,7 +16,8 @@ SPLIT_SEED = 0
 STRATEGIES = {
     "sync": lambda a: hva.Sync(compression=a.compression),
     "localsgd": lambda a: hva.LocalSGD(period=a.period),
-    "downpour": lambda a: hva.Downpour(period=a.period, max_staleness=a.max_staleness),
+    "downpour": lambda a: hva.Downpour(period=a.period, max_staleness=a.max_staleness,
+                                       staleness_aware=a.staleness_aware),
     "easgd": lambda a: hva.EASGD(alpha=a.alpha, period=a.period, max_staleness=a.max_staleness),
     "gossip": lambda a: hva.Gossip(period=a.period, max_staleness=a.max_staleness),
 }
@@ -33,6 +34,7 @@ def parser(description: str, default_strategy: str = "sync") -> argparse.Argumen
     p.add_argument("--period", type=int, default=4, help="steps between exchanges (not Sync)")
     p.add_argument("--alpha", type=float, default=0.5, help="EASGD elasticity")
     p.add_argument("--max-staleness", type=int, default=None)
+    p.add_argument("--staleness-aware", action="store_true", help="Downpour: scale each push by 1/staleness")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="rank 0 writes a checkpoint here every epoch")
     p.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 #: Hard limit for the whole quick run (each MPI job inside has its own, shorter one).
 QUICK_RUN_TIMEOUT = 300
-NAMES = ["overhead", "allreduce", "store", "straggler", "scaling", "memory"]
+NAMES = ["overhead", "allreduce", "store", "straggler", "scaling", "memory", "longrun"]
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
     "overhead": ["ranks", "target_ratio", "models"],
@@ -25,6 +25,7 @@ REQUIRED = {
     "straggler": ["ranks", "target_loss", "summary", "runs"],
     "scaling": ["nodes", "links_gbit", "alpha", "seconds"],
     "memory": ["n", "ranks", "model_mib", "strategies"],
+    "longrun": ["ranks", "epochs", "runs", "bars"],
 }
 MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
 SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
@@ -116,7 +117,7 @@ def test_quick_run_measures_what_it_compares(quick_out):
     straggler = json.loads((quick_out / "straggler.json").read_text())
     assert set(straggler["summary"]) == {"balanced", "straggler ×2"}
     for cond in straggler["summary"].values():
-        assert set(cond) == {"sync", "downpour", "easgd", "gossip"}
+        assert set(cond) == {"sync", "downpour", "downpour-staleness", "easgd", "gossip"}
     for run in straggler["runs"]:
         assert run["reached_s"] is None or run["reached_s"] > 0, run
         assert len(run["steps"]) == straggler["ranks"]

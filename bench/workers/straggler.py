@@ -57,6 +57,7 @@ def make_strategy(name: str, args: argparse.Namespace) -> hva.Strategy:
     return {
         "sync": lambda: hva.Sync(),
         "downpour": lambda: hva.Downpour(period=args.period, normalize=True),
+        "downpour-staleness": lambda: hva.Downpour(period=args.period, normalize=True, staleness_aware=True),
         "easgd": lambda: hva.EASGD(alpha=args.alpha, period=args.period),
         "gossip": lambda: hva.Gossip(period=1),
     }[name]()
@@ -135,7 +136,7 @@ def run_one(name: str, straggler: bool, tag: int, data: tuple, args: argparse.Na
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--strategies", default="sync,downpour,easgd,gossip")
+    p.add_argument("--strategies", default="sync,downpour,downpour-staleness,easgd,gossip")
     p.add_argument("--target-loss", type=float, required=True)
     p.add_argument("--budget", type=float, required=True, help="seconds before a run gives up")
     p.add_argument("--reps", type=int, required=True)

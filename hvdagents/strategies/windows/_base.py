@@ -14,7 +14,7 @@ import numpy as np
 
 from ...errors import ClosedError, LauncherError
 
-__all__ = ["SUPPORTED_DTYPES", "Window", "mpi", "resolve_comm", "agree", "check_vector_args"]
+__all__ = ["SUPPORTED_DTYPES", "Window", "VectorPerRankWindow", "mpi", "resolve_comm", "agree", "check_vector_args"]
 
 #: Element types a parameter, peer or inbox window can hold.
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -223,3 +223,27 @@ class Window:
                 raise ValueError(f"{type(self).__name__}.{what} must be a writable contiguous array")
             return values
         return np.ascontiguousarray(values)
+
+    def _output(self, what: str, out: Optional[np.ndarray], count: int) -> np.ndarray:
+        """``out`` checked as a writable destination of ``count`` elements, or a new array."""
+        if out is None:
+            return np.empty(count, self._dtype)
+        return self._checked(what, out, count, writable=True)
+
+
+class VectorPerRankWindow(Window):
+    """A window in which every rank holds a full vector of ``n`` floats (peer and inbox
+    windows). Collective construction: same ``n`` and ``dtype`` on every rank, checked."""
+
+    def __init__(self, n: int, dtype: Any = np.float32, *, comm: Any = None) -> None:
+        comm = resolve_comm(comm)
+        owner = type(self).__name__
+        problem, n, dt = check_vector_args(owner, n, dtype)
+        agree(comm, owner, problem, (n, None if dt is None else dt.str))
+        self._n = n
+        super().__init__(comm, n, dt)
+
+    @property
+    def size(self) -> int:
+        """Number of elements ``n`` of each rank's vector."""
+        return self._n

@@ -8,16 +8,16 @@ sum of all models plus all inboxes never changes.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from ._base import Window, agree, check_vector_args, mpi, resolve_comm
+from ._base import VectorPerRankWindow, mpi
 
 __all__ = ["InboxWindow"]
 
 
-class InboxWindow(Window):
+class InboxWindow(VectorPerRankWindow):
     """A vector of ``n`` floats per rank: anyone adds to it (:meth:`deliver`), its owner
     empties it (:meth:`take`).
 
@@ -27,18 +27,6 @@ class InboxWindow(Window):
     :meth:`take` reads the inbox and then subtracts what it read, so a delivery racing with
     it is kept for the next take, never lost.
     """
-
-    def __init__(self, n: int, dtype: Any = np.float32, *, comm: Any = None) -> None:
-        comm = resolve_comm(comm)
-        problem, n, dt = check_vector_args("InboxWindow", n, dtype)
-        agree(comm, "InboxWindow", problem, (n, None if dt is None else dt.str))
-        self._n = n
-        super().__init__(comm, n, dt)
-
-    @property
-    def size(self) -> int:
-        """Number of elements ``n`` of each rank's inbox."""
-        return self._n
 
     def deliver(self, rank: int, values: np.ndarray) -> None:
         """Add ``values`` to ``rank``'s inbox.
@@ -64,10 +52,7 @@ class InboxWindow(Window):
         MPI = mpi()
         with self._lock:
             win = self._win()
-            if out is None:
-                out = np.empty(self._n, self._dtype)
-            else:
-                out = self._checked("take out", out, self._n, writable=True)
+            out = self._output("take out", out, self._n)
             target = (0, self._n, self._mpitype)
             win.Get_accumulate([None, 0, self._mpitype], [out, self._mpitype], self._rank,
                                target=target, op=MPI.NO_OP)

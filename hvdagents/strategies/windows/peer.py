@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
-from ._base import Window, agree, check_vector_args, mpi, resolve_comm
+from ._base import VectorPerRankWindow, mpi
 
 __all__ = ["PeerWindow"]
 
 
-class PeerWindow(Window):
+class PeerWindow(VectorPerRankWindow):
     """Every rank holds a full vector of ``n`` floats that it alone publishes and anyone reads.
 
     Construction is collective (every rank of ``comm``, same ``n`` and ``dtype``) and
@@ -19,18 +19,6 @@ class PeerWindow(Window):
     an agent publishes its parameters while peers read them, element-wise atomically (a
     read may mix two publications, element by element, but never tears an element).
     """
-
-    def __init__(self, n: int, dtype: Any = np.float32, *, comm: Any = None) -> None:
-        comm = resolve_comm(comm)
-        problem, n, dt = check_vector_args("PeerWindow", n, dtype)
-        agree(comm, "PeerWindow", problem, (n, None if dt is None else dt.str))
-        self._n = n
-        super().__init__(comm, n, dt)
-
-    @property
-    def size(self) -> int:
-        """Number of elements ``n`` of each rank's vector."""
-        return self._n
 
     def publish(self, values: np.ndarray) -> None:
         """Overwrite this rank's vector with ``values``.
@@ -57,10 +45,7 @@ class PeerWindow(Window):
             raise ValueError(f"PeerWindow.read rank must be in [0, {self._nranks}); got {rank}")
         with self._lock:
             win = self._win()
-            if out is None:
-                out = np.empty(self._n, self._dtype)
-            else:
-                out = self._checked("read out", out, self._n, writable=True)
+            out = self._output("read out", out, self._n)
             win.Get_accumulate(
                 [None, 0, self._mpitype], [out, self._mpitype], rank,
                 target=(0, self._n, self._mpitype), op=MPI.NO_OP,

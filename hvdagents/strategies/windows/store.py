@@ -104,10 +104,7 @@ class ParameterWindow(Window):
         MPI = mpi()
         with self._lock:
             win = self._win()
-            if out is None:
-                out = np.empty(self._n, self._dtype)
-            else:
-                out = self._checked("pull out", out, self._n, writable=True)
+            out = self._output("pull out", out, self._n)
             for r, lo, hi in self._targets:
                 win.Get_accumulate(
                     [None, 0, self._mpitype], [out[lo:hi], self._mpitype], r,
