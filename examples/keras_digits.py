@@ -47,10 +47,13 @@ def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
     callbacks = []
     if args.csv:
         log = MetricsLog(args.csv, is_root=ctx.is_root, append=start_epoch > 0)
-        callbacks.append(keras.callbacks.LambdaCallback(
-            on_epoch_end=lambda epoch, logs: log.log(epoch=epoch + 1, loss=logs["loss"], accuracy=logs["accuracy"]),
-            on_train_end=lambda logs: log.close(),
-        ))
+        def log_epoch(epoch: int, logs: dict) -> None:  # rank 0's model on the test split, as torch_digits
+            if ctx.is_root:
+                test_accuracy = float(np.mean(np.argmax(model.predict(x_test, verbose=0), axis=1) == y_test))
+                log.log(epoch=epoch + 1, loss=logs["loss"], accuracy=test_accuracy,
+                        train_accuracy=logs["accuracy"])
+
+        callbacks.append(keras.callbacks.LambdaCallback(on_epoch_end=log_epoch, on_train_end=lambda logs: log.close()))
     if preempted is not None:  # after the agent's checkpoint callback, which fit() puts first
 
         def stop_if_preempted(epoch: int, logs: dict) -> None:
