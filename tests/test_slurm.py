@@ -119,7 +119,10 @@ def test_single_node_gpus_template(slurm):
                                   {"SCRIPT": str(HELLO), "ARGS": "--marker single"})
     _assert_world(results, 2, "srun", text)
     assert all(r["argv"] == ["--marker", "single"] for r in results), results
-    assert all(r["gpus"] == "0,1" for r in results), f"the job's GPUs were not allocated: {results}"
+    # srun --gpus-per-task=1: every task is bound to one GPU of its own
+    gpus = [r["gpus"] for r in results]
+    assert all(g is not None and len(g.split(",")) == 1 for g in gpus), f"one GPU per task expected: {results}"
+    assert len(set(gpus)) == len(gpus), f"tasks share a GPU: {results}"
 
 
 def test_multi_node_template_checks_the_world_first(slurm):
