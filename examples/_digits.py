@@ -18,9 +18,16 @@ STRATEGIES = {
     "localsgd": lambda a: hva.LocalSGD(period=a.period),
     "downpour": lambda a: hva.Downpour(period=a.period, max_staleness=a.max_staleness,
                                        staleness_aware=a.staleness_aware),
-    "easgd": lambda a: hva.EASGD(alpha=a.alpha, period=a.period, max_staleness=a.max_staleness),
+    "easgd": lambda a: hva.EASGD(alpha=a.alpha or easgd_alpha(hva.context().size), period=a.period,
+                                 max_staleness=a.max_staleness),
     "gossip": lambda a: hva.Gossip(period=a.period, max_staleness=a.max_staleness),
 }
+
+
+def easgd_alpha(ranks: int) -> float:
+    """EASGD's elasticity by the rule of Zhang et al. (2015): β = ranks × α = 0.9, so the
+    centre, which moves by α times the sum of the agents' differences, is damped."""
+    return 0.9 / ranks
 
 
 def parser(description: str, default_strategy: str = "sync") -> argparse.ArgumentParser:
@@ -32,7 +39,8 @@ def parser(description: str, default_strategy: str = "sync") -> argparse.Argumen
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--compression", choices=["fp16"], default=None, help="Sync only: fp16 on the wire")
     p.add_argument("--period", type=int, default=4, help="steps between exchanges (not Sync)")
-    p.add_argument("--alpha", type=float, default=0.5, help="EASGD elasticity")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="EASGD elasticity (default: 0.9 / ranks, the paper's β = 0.9)")
     p.add_argument("--max-staleness", type=int, default=None)
     p.add_argument("--staleness-aware", action="store_true", help="Downpour: scale each push by 1/staleness")
     p.add_argument("--seed", type=int, default=0)

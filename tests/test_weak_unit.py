@@ -83,3 +83,11 @@ def test_gloo_launch_is_refused_with_the_fix():
     for name in ("downpour", "easgd", "gossip"):
         assert "horovodrun --gloo" in out[name] and "mpirun, srun --mpi=pmix" in out[name], out
     assert "horovodrun without --gloo" in out["window"], out
+
+
+def test_an_easgd_centre_that_would_oscillate_is_refused_with_the_rule():
+    from hvdagents.strategies.exchanges import EASGDExchange
+
+    EASGDExchange.check_world(EASGD(alpha=0.45), 4)  # β = 1.8: damped
+    with pytest.raises(ValueError, match=r"EASGD.alpha × agents must be < 2.*0.5 × 4 = 2.*0.9 / 4 = 0.225"):
+        EASGDExchange.check_world(EASGD(alpha=0.5), 4)

@@ -58,7 +58,7 @@ def make_strategy(name: str, args: argparse.Namespace) -> hva.Strategy:
         "sync": lambda: hva.Sync(),
         "downpour": lambda: hva.Downpour(period=args.period, normalize=True),
         "downpour-staleness": lambda: hva.Downpour(period=args.period, normalize=True, staleness_aware=True),
-        "easgd": lambda: hva.EASGD(alpha=args.alpha, period=args.period),
+        "easgd": lambda: hva.EASGD(alpha=args.alpha or 0.9 / hva.context().size, period=args.period),
         "gossip": lambda: hva.Gossip(period=1),
     }[name]()
 
@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--period", type=int, default=4)
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--alpha", type=float, default=None, help="default 0.9 / ranks (β = 0.9)")
     p.add_argument("--device-ms", type=float, default=10.0, help="simulated accelerator time per step")
     args = p.parse_args()
     torch.set_num_threads(1)

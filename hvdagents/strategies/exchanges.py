@@ -168,10 +168,26 @@ class DownpourExchange(CentreExchange):
             self._pushes.close()
 
 
+#: EASGD's centre moves by alpha times the sum of the agents' differences: with p agents its
+#: own update is c <- (1 - p alpha) c + ..., undamped (oscillating) once p alpha reaches this.
+EASGD_UNSTABLE_BETA = 2.0
+
+
 class EASGDExchange(CentreExchange):
     """Every exchange: read the centre c, move ``alpha (x - c)`` from the model to the centre."""
 
     strategy: EASGD
+
+    @classmethod
+    def check_world(cls, strategy: Strategy, size: int) -> None:
+        beta = strategy.alpha * size
+        if beta >= EASGD_UNSTABLE_BETA:
+            raise ValueError(
+                f"EASGD.alpha × agents must be < {EASGD_UNSTABLE_BETA:g}, or the centre oscillates without "
+                f"damping (it moves by alpha times the sum of the {size} agents' differences); got "
+                f"{strategy.alpha} × {size} = {beta:g}. Use alpha = 0.9 / {size} = {0.9 / size:.3g} "
+                "(Zhang et al. 2015: β = 0.9)."
+            )
 
     def exchange(self, params: ParameterAccess) -> None:
         x = self._flat(params)  # a fresh host copy: updated in place
