@@ -13,14 +13,20 @@ import hvdagents as hva
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
+def _period(a: argparse.Namespace) -> dict[str, int]:
+    """``--period`` when given; else each strategy keeps its own default (Gossip 1, LocalSGD 8,
+    Downpour and EASGD 4)."""
+    return {} if a.period is None else {"period": a.period}
+
+
 STRATEGIES = {
     "sync": lambda a: hva.Sync(compression=a.compression),
-    "localsgd": lambda a: hva.LocalSGD(period=a.period),
-    "downpour": lambda a: hva.Downpour(period=a.period, max_staleness=a.max_staleness,
+    "localsgd": lambda a: hva.LocalSGD(**_period(a)),
+    "downpour": lambda a: hva.Downpour(**_period(a), max_staleness=a.max_staleness,
                                        staleness_aware=a.staleness_aware),
-    "easgd": lambda a: hva.EASGD(alpha=a.alpha or easgd_alpha(hva.context().size), period=a.period,
+    "easgd": lambda a: hva.EASGD(alpha=a.alpha or easgd_alpha(hva.context().size), **_period(a),
                                  max_staleness=a.max_staleness),
-    "gossip": lambda a: hva.Gossip(period=a.period, max_staleness=a.max_staleness),
+    "gossip": lambda a: hva.Gossip(**_period(a), max_staleness=a.max_staleness),
 }
 
 
@@ -38,7 +44,8 @@ def parser(description: str, default_strategy: str = "sync") -> argparse.Argumen
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--compression", choices=["fp16"], default=None, help="Sync only: fp16 on the wire")
-    p.add_argument("--period", type=int, default=4, help="steps between exchanges (not Sync)")
+    p.add_argument("--period", type=int, default=None,
+                   help="steps between exchanges (not Sync; default: the strategy's own)")
     p.add_argument("--alpha", type=float, default=None,
                    help="EASGD elasticity (default: 0.9 / ranks, the paper's β = 0.9)")
     p.add_argument("--max-staleness", type=int, default=None)
