@@ -92,6 +92,10 @@ def test_quick_run_writes_well_formed_json(quick_out, name):
     summaries = list(_spreads(data))
     if name == "scaling":  # a model, not a measurement: its numbers are the predicted times
         assert all(t > 0 for curves in data["seconds"].values() for ts in curves.values() for t in ts)
+    elif name == "memory":  # one job per strategy: peaks, not spreads over repetitions
+        assert all(v > 0 for s in data["strategies"] for v in s["peak_mib"].values())
+    elif name == "longrun":  # one job per run: accuracy curves
+        assert all(0 <= a <= 1 for r in data["runs"] for a in r["accuracy"])
     else:
         assert summaries, f"{name}.json has no median/min/max summaries"
     for s in summaries:
