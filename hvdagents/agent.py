@@ -17,7 +17,7 @@ from typing import IO, Any, Sequence
 import numpy as np
 
 from .checkpoint import write_atomic
-from .collectives import allgather_object, bcast_object
+from .collectives import allgather_object, bcast_object, mean_over_ranks
 from .errors import ClosedError, ModelMismatchError
 from .runtime import Context, horovod_binding, init, pin_gpu
 from .strategies.base import Runner, RunnerState
@@ -194,12 +194,7 @@ class Agent(ABC):
         if self.context.mpi_world:
             comm = self.context.comm
             local = np.concatenate([a.astype(np.float64).ravel() for a in floats] or [np.zeros(0)])
-            total = np.empty_like(local) if self.context.is_root else None
-            from mpi4py import MPI
-
-            comm.Reduce(local, total, op=MPI.SUM, root=ROOT_RANK)
-            mean = total / self.context.size if total is not None else np.empty_like(local)
-            comm.Bcast(mean, root=ROOT_RANK)
+            mean = mean_over_ranks(comm, local, np.empty_like(local), root=ROOT_RANK)
             exact = comm.bcast(exact if self.context.is_root else None, root=ROOT_RANK)
         else:  # no MPI world (horovodrun --gloo): every rank averages the same gathered arrays
             gathered = self._allgather_object(floats, name="hvdagents.state.mean")

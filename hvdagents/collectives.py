@@ -14,10 +14,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["PIECE_BYTES", "bcast_array", "bcast_object", "allgather_object", "bcast_tree"]
+__all__ = ["PIECE_BYTES", "MEAN_PIECE", "bcast_array", "bcast_object", "allgather_object", "bcast_tree",
+           "mean_over_ranks"]
 
 #: Largest single MPI message, in bytes (well below 2**31).
 PIECE_BYTES = 1 << 30
+
+#: Elements summed per MPI call by :func:`mean_over_ranks` (float64 pieces of 32 MiB).
+MEAN_PIECE = 1 << 22
 
 
 def bcast_array(comm: Any, array: np.ndarray, root: int = 0) -> np.ndarray:
@@ -107,3 +111,22 @@ def bcast_tree(comm: Any, tree: Any, *, is_leaf: Callable[[Any], bool],
         return node
 
     return fill(skeleton)
+
+
+def mean_over_ranks(comm: Any, local: np.ndarray, out: np.ndarray, root: int = 0) -> np.ndarray:
+    """Collective: ``out`` = the element-wise mean of every rank's 1-D ``local``, the same bits
+    on every rank (an ``Allreduce`` does not promise that).
+
+    Summed in float64 on ``root`` in pieces of :data:`MEAN_PIECE` elements (no float64 copy of
+    the whole vector), cast to ``out``'s dtype there, then broadcast. Returns ``out``."""
+    from mpi4py import MPI
+
+    on_root = comm.Get_rank() == root
+    for lo in range(0, local.size, MEAN_PIECE):
+        piece = local[lo:lo + MEAN_PIECE].astype(np.float64)
+        total = np.empty_like(piece) if on_root else None
+        comm.Reduce(piece, total, op=MPI.SUM, root=root)
+        if on_root:
+            out[lo:lo + piece.size] = total / comm.Get_size()
+    comm.Bcast(out, root=root)
+    return out

@@ -21,15 +21,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ..collectives import mean_over_ranks
 from .base import ParameterAccess
 from .config import EASGD, Downpour, Gossip, Strategy
 from .windows import ClockWindow, InboxWindow, ParameterWindow, PeerWindow
 
-__all__ = ["Exchange", "CentreExchange", "DownpourExchange", "EASGDExchange", "GossipExchange",
-           "CONSENSUS_PIECE"]
-
-#: Elements summed per MPI call in Gossip's final average (float64 pieces of 32 MiB).
-CONSENSUS_PIECE = 1 << 22
+__all__ = ["Exchange", "CentreExchange", "DownpourExchange", "EASGDExchange", "GossipExchange"]
 
 
 class Exchange(ABC):
@@ -258,24 +255,12 @@ class GossipExchange(Exchange):
         params.set_flat(x)
 
     def consensus(self, params: ParameterAccess) -> np.ndarray:
-        """The exact mean of all models once every inbox is emptied into its owner, summed in
-        float64 on rank 0 in pieces of :data:`CONSENSUS_PIECE` elements and broadcast:
-        bit-identical everywhere (an ``Allreduce`` does not promise the same bits on every
-        rank), and no float64 copy of the whole model."""
-        from mpi4py import MPI
-
-        root = self.rank == 0
+        """The exact mean of all models once every inbox is emptied into its owner, the same
+        bits on every rank (:func:`~hvdagents.collectives.mean_over_ranks`: float64 sums on rank
+        0, in pieces)."""
         local = self._flat(params)
         local += self.inbox.take(out=self._scratch)
-        mean = np.empty_like(local)
-        for lo in range(0, local.size, CONSENSUS_PIECE):
-            piece = local[lo:lo + CONSENSUS_PIECE].astype(np.float64)
-            total = np.empty_like(piece) if root else None
-            self.comm.Reduce(piece, total, op=MPI.SUM, root=0)
-            if root:
-                mean[lo:lo + piece.size] = total / self.size
-        self.comm.Bcast(mean, root=0)
-        return mean
+        return mean_over_ranks(self.comm, local, np.empty_like(local))
 
     def close(self) -> None:
         self.peers.close()
