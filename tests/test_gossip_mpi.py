@@ -19,8 +19,9 @@ def results():
 
 
 def one_round(x, inbox, pub, w):
-    """Every agent exchanges once, rank 0 first: take the inbox, move by w_ij/2 (x_j - x_i)
-    towards each published x_j, deliver the opposite to j's inbox, publish."""
+    """Every agent exchanges once, rank 0 first: take the inbox, move by w_ij/2 (y_j - x_i)
+    towards each effective y_j (j's publication plus its inbox), deliver the opposite to j's
+    inbox, publish."""
     x, inbox, pub = x.copy(), inbox.copy(), pub.copy()
     for i in range(len(x)):
         x[i] += inbox[i]
@@ -29,7 +30,7 @@ def one_round(x, inbox, pub, w):
         for j in np.flatnonzero(w[i] > 0):
             if j == i:
                 continue
-            d = (pub[j] - x[i]) * (0.5 * w[i, j])
+            d = (pub[j] + inbox[j] - x[i]) * (0.5 * w[i, j])
             moved += d
             inbox[j] -= d
         x[i] += moved

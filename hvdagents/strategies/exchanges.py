@@ -11,7 +11,8 @@ Every method says whether it is collective; :meth:`Exchange.exchange` never is.
 - :class:`EASGDExchange` — elastic averaging against the same kind of centre (Zhang,
   Choromanska, LeCun 2015).
 - :class:`GossipExchange` — no centre: pairwise averaging that moves both sides (AD-PSGD,
-  Lian et al. 2018), the peer's half delivered to its :class:`~.windows.InboxWindow`.
+  Lian et al. 2018): each agent's effective model lives in an :class:`~.windows.InboxWindow`
+  that peers read and deliver their half of an exchange to.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from ..collectives import mean_over_ranks
 from .base import ParameterAccess
 from .config import EASGD, Downpour, Gossip, Strategy
-from .windows import ClockWindow, InboxWindow, ParameterWindow, PeerWindow
+from .windows import ClockWindow, InboxWindow, ParameterWindow
 
 __all__ = ["Exchange", "CentreExchange", "DownpourExchange", "EASGDExchange", "GossipExchange"]
 
@@ -198,15 +199,19 @@ class EASGDExchange(CentreExchange):
 class GossipExchange(Exchange):
     """Average-preserving gossip through one-sided windows.
 
-    Every exchange: take what peers delivered to this agent's inbox into the model, then for
-    each peer j (one random peer with ``weights=None``, weight 1; else every j with
-    ``W[i, j] > 0``) read j's published model x_j and move by ``d = w (x_j - x) / 2``
-    while delivering ``-d`` to j's inbox; finally publish the result. With one random peer
-    both sides end at (x + x_j) / 2 (AD-PSGD's pairwise average, both models updated); with a
+    Each agent's :class:`~.windows.InboxWindow` holds its *effective* model: what it last
+    published plus every change peers delivered since. Every exchange: fold what peers
+    delivered into the model, then for each peer j (one random peer with ``weights=None``,
+    weight 1; else every j with ``W[i, j] > 0``) read j's effective model y_j and move by
+    ``d = w (y_j - x) / 2`` while delivering ``-d`` to j; finally publish the result (add
+    to the own window what changed since the last publication). With one random peer both
+    sides end at (x + y_j) / 2 (AD-PSGD's pairwise average, both models updated); with a
     matrix, a round of exchanges by every agent applies (W + Wᵀ) / 2, W itself when W is
-    symmetric. Nothing is created or lost: the sum of all models and inboxes never changes,
-    so the mean of the models is preserved whatever the order of exchanges, and ``finish``
-    ends at that mean exactly.
+    symmetric. Nothing is created or lost: the sum of all models never changes, so the mean
+    is preserved whatever the order of exchanges, and ``finish`` ends at that mean exactly.
+    Reading the effective model (not only the last publication) matters when a peer is
+    slow: repeated exchanges with it converge to it instead of piling up changes it would
+    take all at once later.
     """
 
     strategy: Gossip
@@ -215,10 +220,12 @@ class GossipExchange(Exchange):
         super().__init__(strategy, n, dtype, comm)
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._weights = strategy.matrix(self.size)
-        self.peers = PeerWindow(self.n, self.dtype, comm=comm)
-        self.inbox = InboxWindow(self.n, self.dtype, comm=comm)
+        self.models = InboxWindow(self.n, self.dtype, comm=comm)
         self._rng = np.random.default_rng(strategy.seed + self.rank)
+        self._published = np.zeros(self.n, self.dtype)  # the model as of the last publication
         self._scratch = np.empty(self.n, self.dtype)
+        self._changed = np.empty(self.n, self.dtype)
+        self._moved = np.empty(self.n, self.dtype)
 
     @classmethod
     def check_world(cls, strategy: Strategy, size: int) -> None:
@@ -228,8 +235,9 @@ class GossipExchange(Exchange):
         x = self._flat(params).copy()
         self.comm.Bcast(x, root=0)
         params.set_flat(x)
-        self.inbox.take(out=self._scratch)  # callers made sure nothing is in flight: drop leftovers
-        self.peers.publish(x)
+        self.models.take(out=self._scratch)  # callers made sure nothing is in flight: empty it
+        self.models.deliver(self.rank, x)
+        self._published[:] = x
         self.comm.Barrier()  # every window holds the new parameters before anyone reads it
 
     def _partners(self) -> list[tuple[int, float]]:
@@ -239,29 +247,37 @@ class GossipExchange(Exchange):
         row = self._weights[self.rank]
         return [(int(j), 0.5 * float(row[j])) for j in np.flatnonzero(row > 0) if j != self.rank]
 
+    def _fold_deliveries(self, x: np.ndarray) -> None:
+        """Add to ``x`` what peers delivered since the last publication."""
+        delivered = self.models.read(self.rank, out=self._scratch)
+        delivered -= self._published
+        x += delivered
+
     def exchange(self, params: ParameterAccess) -> None:
         x = self._flat(params)
-        x += self.inbox.take(out=self._scratch)
+        np.subtract(x, self._published, out=self._changed)  # own progress since publishing
+        self._fold_deliveries(x)
         if self.size > 1:
-            moved = np.zeros_like(x)
+            self._moved.fill(0)
             for peer, weight in self._partners():
-                d = self.peers.read(peer, out=self._scratch)
+                d = self.models.read(peer, out=self._scratch)
                 d -= x
                 d *= weight
-                moved += d
-                self.inbox.deliver(peer, np.negative(d))
-            x += moved
-        self.peers.publish(x)
+                self._moved += d
+                self.models.deliver(peer, np.negative(d))
+            x += self._moved
+            self._changed += self._moved
+        self.models.deliver(self.rank, self._changed)  # publish: the window now holds x
+        self._published[:] = x
         params.set_flat(x)
 
     def consensus(self, params: ParameterAccess) -> np.ndarray:
-        """The exact mean of all models once every inbox is emptied into its owner, the same
+        """The exact mean of all models once every delivery is folded into its owner, the same
         bits on every rank (:func:`~hvdagents.collectives.mean_over_ranks`: float64 sums on rank
         0, in pieces)."""
         local = self._flat(params)
-        local += self.inbox.take(out=self._scratch)
+        self._fold_deliveries(local)
         return mean_over_ranks(self.comm, local, np.empty_like(local))
 
     def close(self) -> None:
-        self.peers.close()
-        self.inbox.close()
+        self.models.close()

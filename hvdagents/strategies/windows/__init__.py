@@ -6,9 +6,10 @@ Four window kinds, one module each, share one lifecycle (:mod:`._base`):
   (``push``, element-wise atomic) or reads it (``pull``) without the owners taking part.
   Downpour and EASGD keep their centre here.
 - :class:`PeerWindow` — every rank holds a *full* vector that only it writes (``publish``)
-  and that any rank reads (``read``). Gossip publishes each agent's parameters here.
+  and that any rank reads (``read``).
 - :class:`InboxWindow` — every rank holds a *full* vector that any rank adds to (``deliver``)
-  and that only its owner empties (``take``). Gossip's peers send their half of an exchange here.
+  or reads (``read``) and that only its owner empties (``take``). Gossip keeps each agent's
+  effective model here (last publication + what peers delivered since).
 - :class:`ClockWindow` — one int64 step counter per rank, for bounded staleness and for
   counting the updates a centre received (staleness-aware Downpour).
 

@@ -1,9 +1,10 @@
-"""Inbox windows: every rank holds a full vector that any rank adds to and its owner empties.
+"""Inbox windows: every rank holds a full vector that any rank adds to and reads.
 
-Gossip uses one to make a pairwise exchange update both sides without the peer taking part:
-the caller moves its own model by ``d`` and delivers ``-d`` to the peer's inbox; the peer
-takes what arrived at its next exchange. Nothing delivered is lost or counted twice, so the
-sum of all models plus all inboxes never changes.
+Gossip keeps each agent's *effective* model in one: the model it last published plus every
+change peers delivered since. A pairwise exchange updates both sides without the peer taking
+part: the caller reads the peer's effective model, moves its own by ``d`` and delivers ``-d``
+to the peer; the peer folds what arrived into its model at its next exchange. Nothing
+delivered is lost or counted twice, so the sum of all models never changes.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ __all__ = ["InboxWindow"]
 
 
 class InboxWindow(VectorPerRankWindow):
-    """A vector of ``n`` floats per rank: anyone adds to it (:meth:`deliver`), its owner
-    empties it (:meth:`take`).
+    """A vector of ``n`` floats per rank: anyone adds to it (:meth:`deliver`) and reads it
+    (:meth:`read`), its owner empties it (:meth:`take`).
 
     Construction is collective (every rank of ``comm``, same ``n`` and ``dtype``) and
     blocking; every inbox starts at zero. Both operations are one-sided and element-wise
@@ -42,6 +43,14 @@ class InboxWindow(VectorPerRankWindow):
             buf = self._checked("deliver values", values, self._n)
             win.Accumulate([buf, self._mpitype], rank, target=(0, self._n, self._mpitype), op=MPI.SUM)
             win.Flush(rank)
+
+    def read(self, rank: int, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """Read ``rank``'s inbox into ``out`` (or a new array) and return it; nothing changes.
+
+        One-sided: ``rank`` does not take part. ``MPI_Get_accumulate(NO_OP)``, blocking until
+        the data has arrived; every element is whole (a delivery racing with the read is in
+        an element entirely or not at all)."""
+        return self._read_vector(rank, out)
 
     def take(self, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Empty this rank's inbox: return what it held (into ``out`` or a new array).

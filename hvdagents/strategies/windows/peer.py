@@ -40,18 +40,7 @@ class PeerWindow(VectorPerRankWindow):
         One-sided: ``rank`` does not take part. ``MPI_Get_accumulate(NO_OP)``, blocking
         until the data has arrived; every element is a whole published value.
         """
-        MPI = mpi()
-        if not 0 <= rank < self._nranks:
-            raise ValueError(f"PeerWindow.read rank must be in [0, {self._nranks}); got {rank}")
-        with self._lock:
-            win = self._win()
-            out = self._output("read out", out, self._n)
-            win.Get_accumulate(
-                [None, 0, self._mpitype], [out, self._mpitype], rank,
-                target=(0, self._n, self._mpitype), op=MPI.NO_OP,
-            )
-            win.Flush(rank)
-            return out
+        return self._read_vector(rank, out)
 
     def __repr__(self) -> str:
         return f"PeerWindow(n={self._n}, dtype={self._dtype}{', closed' if self.closed else ''})"
