@@ -2,8 +2,9 @@
 
 Every asynchronous strategy × framework trains ``examples/async_digits.py`` with its
 defaults on 4 ranks for ``epochs`` epochs, for several seeds (one MPI job each). The bar:
-final test accuracy ≥ 0.93, and never below 0.9 after epoch 20 (asynchrony adds implicit
-momentum, Mitliagkas et al. 2016: a run can be fine for 100 epochs and collapse later).
+the consensus model that ``close()`` returns scores ≥ 0.93 test accuracy, and rank 0's own
+model never scores below 0.9 after epoch 20 (asynchrony adds implicit momentum, Mitliagkas
+et al. 2016: a run can be fine for 100 epochs and collapse later).
 Downpour also runs with ``--staleness-aware``, each push scaled by 1/τ.
 """
 
@@ -38,11 +39,11 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
                             "--strategy", variant.split("-")[0], "--epochs", str(settings["epochs"]),
                             "--seed", str(seed), *VARIANTS[variant]]
                     job = run_mpi("digits_run", RANKS, args, timeout=TIMEOUT_S[quick])
-                    accuracy = job.results[0]["accuracy"]
+                    accuracy, final = job.results[0]["accuracy"], job.results[0]["consensus"]
                     later = accuracy[FLOOR_FROM_EPOCH:] or accuracy[-1:]
                     runs.append({"framework": framework, "variant": variant, "seed": seed, "job_s": job.seconds,
-                                 "final": accuracy[-1], "floor_after_20": min(later), "accuracy": accuracy,
-                                 "passes": accuracy[-1] >= FINAL_BAR and min(later) >= FLOOR_BAR})
+                                 "final": final, "final_local": accuracy[-1], "floor_after_20": min(later),
+                                 "accuracy": accuracy, "passes": final >= FINAL_BAR and min(later) >= FLOOR_BAR})
     payload = {"quick": quick, "ranks": RANKS, "epochs": settings["epochs"], "runs": runs,
                "bars": {"final": FINAL_BAR, "floor": FLOOR_BAR, "floor_from_epoch": FLOOR_FROM_EPOCH}}
     write_json(out, NAME, payload)
@@ -63,20 +64,22 @@ def summary_rows(payload: dict[str, Any]) -> list[list[str]]:
     for (variant, framework), runs in _groups(payload).items():
         worst = min(r["final"] for r in runs)
         rows.append([f"{variant}, {framework}, {payload['epochs']} epochs, {len(runs)} seeds",
-                     "worst final test accuracy", f"{worst:.3f}", f"{FINAL_BAR} (bar)", f"{worst / FINAL_BAR:.2f}"])
+                     "worst consensus test accuracy", f"{worst:.3f}", f"{FINAL_BAR} (bar)", f"{worst / FINAL_BAR:.2f}"])
     return rows
 
 
 def markdown(payload: dict[str, Any]) -> str:
     """The detail section of RESULTS.md: every run's final accuracy and floor after epoch 20."""
-    rows = [[r["variant"], r["framework"], str(r["seed"]), f"{r['final']:.3f}", f"{r['floor_after_20']:.3f}",
-             "yes" if r["passes"] else "**no**", f"{r['job_s']:.0f}"] for r in payload["runs"]]
+    rows = [[r["variant"], r["framework"], str(r["seed"]), f"{r['final']:.3f}", f"{r['final_local']:.3f}",
+             f"{r['floor_after_20']:.3f}", "yes" if r["passes"] else "**no**", f"{r['job_s']:.0f}"]
+            for r in payload["runs"]]
     return (
         f"`examples/async_digits.py` with its defaults, {payload['ranks']} ranks sharing this machine's cores, "
-        f"{payload['epochs']} epochs. Bar: final test accuracy ≥ {FINAL_BAR} and never below {FLOOR_BAR} after "
-        f"epoch {FLOOR_FROM_EPOCH}. Test accuracy is rank 0's model at each epoch's end.\n\n"
-        + md_table(["strategy", "framework", "seed", "final", f"lowest after epoch {FLOOR_FROM_EPOCH}", "bar met",
-                    "job s"], rows)
+        f"{payload['epochs']} epochs, no staleness bound. Bar: the consensus model (after `close()`) scores ≥ "
+        f"{FINAL_BAR} test accuracy, and rank 0's own model never below {FLOOR_BAR} after epoch "
+        f"{FLOOR_FROM_EPOCH} (measured at each epoch's end).\n\n"
+        + md_table(["strategy", "framework", "seed", "consensus", "rank 0's model, last epoch",
+                    f"rank 0 lowest after epoch {FLOOR_FROM_EPOCH}", "bar met", "job s"], rows)
     )
 
 

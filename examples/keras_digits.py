@@ -20,7 +20,7 @@ from hvdagents.preemption import PreemptionFlag
 import _digits
 
 
-def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
+def main(argv: list[str] | None = None, default_strategy: str = "sync") -> float | None:
     args = _digits.parser(__doc__.splitlines()[0], default_strategy).parse_args(argv)
     # SIGUSR1 (SLURM preemption, slurm/requeue.sbatch): checkpoint at the epoch's end, exit 75
     preempted = PreemptionFlag() if args.checkpoint else None
@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
     local_steps = agent.runner_state.step
     agent.close()  # one consensus model on every rank
     steps_per_rank = ctx.comm.gather(local_steps, root=0) if ctx.mpi_world else [local_steps]
-    if ctx.is_root:
-        predictions = np.argmax(model.predict(x_test, verbose=0), axis=1)
-        print(f"strategy: {args.strategy}, ranks: {ctx.size}, steps per rank: {steps_per_rank}")
-        print(f"final test accuracy: {float(np.mean(predictions == y_test)):.4f}")
+    if not ctx.is_root:
+        return None
+    final = float(np.mean(np.argmax(model.predict(x_test, verbose=0), axis=1) == y_test))
+    print(f"strategy: {args.strategy}, ranks: {ctx.size}, steps per rank: {steps_per_rank}")
+    print(f"final test accuracy: {final:.4f}")
+    return final
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
         return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
-def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
+def main(argv: list[str] | None = None, default_strategy: str = "sync") -> float | None:
     args = _digits.parser(__doc__.splitlines()[0], default_strategy).parse_args(argv)
     # SIGUSR1 (SLURM preemption, slurm/requeue.sbatch): checkpoint at the epoch's end, exit 75
     preempted = PreemptionFlag() if args.checkpoint else None
@@ -79,9 +79,12 @@ def main(argv: list[str] | None = None, default_strategy: str = "sync") -> None:
     steps_per_rank = ctx.comm.gather(local_steps, root=0) if ctx.mpi_world else [local_steps]
     if log:
         log.close()
-    if ctx.is_root:
-        print(f"strategy: {args.strategy}, ranks: {ctx.size}, steps per rank: {steps_per_rank}")
-        print(f"final test accuracy: {accuracy(model, x_test, y_test):.4f}")
+    if not ctx.is_root:
+        return None
+    final = accuracy(model, x_test, y_test)
+    print(f"strategy: {args.strategy}, ranks: {ctx.size}, steps per rank: {steps_per_rank}")
+    print(f"final test accuracy: {final:.4f}")
+    return final
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def test_quick_run_writes_well_formed_json(quick_out, name):
         assert all(v > 0 for s in data["strategies"] for v in s["peak_mib"].values())
     elif name == "longrun":  # one job per run: accuracy curves
         assert all(0 <= a <= 1 for r in data["runs"] for a in r["accuracy"])
+        assert all(0 < r["final"] <= 1 for r in data["runs"])  # the consensus model was scored
     else:
         assert summaries, f"{name}.json has no median/min/max summaries"
     for s in summaries:

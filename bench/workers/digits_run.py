@@ -1,5 +1,6 @@
-"""One run of ``examples/async_digits.py`` (any framework and strategy) whose per-epoch test
-accuracy rank 0 reports: ``digits_run.py CSV_PATH EXAMPLE_ARGS...``."""
+"""One run of ``examples/async_digits.py`` (any framework and strategy): rank 0 reports its
+own model's test accuracy per epoch and the consensus model's after ``close()``:
+``digits_run.py CSV_PATH EXAMPLE_ARGS...``."""
 
 from __future__ import annotations
 
@@ -20,13 +21,13 @@ def main() -> None:
         import torch_digits as example
     else:
         import keras_digits as example
-    example.main([*rest, "--csv", path], default_strategy="easgd")
+    consensus = example.main([*rest, "--csv", path], default_strategy="easgd")
     import hvdagents as hva
 
     if hva.init().is_root:
         with open(path) as handle:
             accuracy = [float(row["accuracy"]) for row in csv.DictReader(handle)]
-        emit({"framework": framework, "args": rest, "accuracy": accuracy})
+        emit({"framework": framework, "args": rest, "accuracy": accuracy, "consensus": consensus})
 
 
 if __name__ == "__main__":
