@@ -21,6 +21,7 @@ from .errors import (
     HvdAgentsError,
     LauncherError,
     ModelMismatchError,
+    OneSidedUnavailableError,
     ThreadLevelError,
     UsageError,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "keras",
     "HvdAgentsError",
     "LauncherError",
+    "OneSidedUnavailableError",
     "ThreadLevelError",
     "ModelMismatchError",
     "ClosedError",

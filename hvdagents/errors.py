@@ -9,6 +9,7 @@ from __future__ import annotations
 __all__ = [
     "HvdAgentsError",
     "LauncherError",
+    "OneSidedUnavailableError",
     "ThreadLevelError",
     "ModelMismatchError",
     "ClosedError",
@@ -22,6 +23,11 @@ class HvdAgentsError(RuntimeError):
 
 class LauncherError(HvdAgentsError):
     """The job was launched in a way that cannot work (the message names the fix)."""
+
+
+class OneSidedUnavailableError(LauncherError):
+    """This MPI cannot do the windows' one-sided operations between the job's nodes without
+    failing or losing updates (the message names what failed and the fixes)."""
 
 
 class ThreadLevelError(HvdAgentsError):

@@ -13,6 +13,7 @@ from typing import Any, Optional, TypeVar
 import numpy as np
 
 from ...errors import ClosedError, LauncherError
+from .transport import check_one_sided
 
 __all__ = ["SUPPORTED_DTYPES", "Window", "VectorPerRankWindow", "mpi", "resolve_comm", "agree", "check_vector_args"]
 
@@ -145,6 +146,7 @@ class Window:
         self._lock = threading.RLock()
         self._handle: Optional[_Handle] = None
         unit = self._dtype.itemsize
+        check_one_sided(comm)  # collective; across nodes: refused on every rank unless exact
         win = MPI.Win.Allocate(count * unit, unit, comm=comm)
         win.Lock_all(MPI.MODE_NOCHECK)
         self._handle = _register(win)
