@@ -1,6 +1,8 @@
 """``python -m hvdagents doctor``: is this environment ready for hvdagents?
 
-Reports the MPI library and thread level, Open MPI's one-sided (``osc``) components,
+Reports the MPI library and thread level, whether one-sided windows work between the ranks
+(a real probe: concurrent accumulates from every rank, across nodes when the job spans them),
+Open MPI's one-sided (``osc``) components,
 Horovod's build (frameworks, controllers, NCCL), TensorFlow/Keras/PyTorch versions, the GPUs
 seen, the launcher and the ranks, then a verdict. Exits non-zero when something required is
 missing. Run it plainly or under the launcher you will use (``mpirun -np 2 python -m
@@ -20,6 +22,7 @@ from typing import Callable, Sequence
 __all__ = ["Check", "run_checks", "main"]
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
+ONE_SIDED = "one-sided windows"
 #: One-sided components that work at MPI_THREAD_MULTIPLE (osc/pt2pt refuses it).
 GOOD_OSC = ("rdma", "ucx", "sm")
 
@@ -57,6 +60,12 @@ def _mpi() -> list[Check]:
             checks.append(Check("ranks", OK, f"{ctx.size} ranks on {len(set(hosts))} node(s)"))
     if not ctx.mpi_world:
         checks.append(Check("MPI world", WARN, "Gloo launch: sync strategies only (async ones need MPI)"))
+    else:
+        from .strategies.windows.transport import probe
+
+        verdict = probe(ctx.comm)  # collective: a real one-sided probe between these ranks
+        checks.append(Check(ONE_SIDED, OK if verdict.ok else WARN, verdict.detail if verdict.ok else
+                            f"{verdict.detail} -- asynchronous strategies unavailable; synchronous ones work"))
     return checks
 
 
@@ -147,7 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         width = max(len(c.name) for c in checks)
         for c in checks:
             print(f"[{c.status:>4}] {c.name:<{width}}  {c.detail}")
-        print("verdict: " + ("ready" if not failed_anywhere else f"NOT ready ({failed_anywhere} failed check(s))"))
+        sync_only = any(c.name == ONE_SIDED and c.status != OK for c in checks)
+        if failed_anywhere:
+            print(f"verdict: NOT ready ({failed_anywhere} failed check(s))")
+        else:
+            print("verdict: ready" + (" for synchronous strategies only (see one-sided windows)" if sync_only else ""))
     elif failed:
         for c in failed:
             print(f"[rank {ctx.rank}] [{c.status}] {c.name}: {c.detail}")

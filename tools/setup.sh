@@ -38,6 +38,13 @@ if ! have_mpi; then
     fi
 fi
 
+# iproute2: the multi-host tests build simulated hosts with `ip netns` (root only; else skipped)
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    log "installing iproute2 (simulated hosts for the multi-host tests)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 >/dev/null
+fi
+
 # --- 2. virtual environment ------------------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating $VENV"

@@ -8,8 +8,8 @@ transport it creates windows that *lose* accumulates (even on one host). So befo
 window of a communicator, :func:`check_one_sided` (collective) decides, the same on every rank:
 
 1. a known-bad combination (Open MPI < 5 with osc/ucx over UCX limited to TCP) is refused
-   outright: across two hosts it passed the probe below, yet lost 2511 of 1200 pushes' worth
-   of updates in a longer run, so no short probe can clear it;
+   outright: across two hosts it passed the probe below, yet a longer run (300 pushes per
+   rank) came out 2511 short, so no short probe can clear it;
 2. otherwise a probe window is created and every rank hammers every other with
    ``Accumulate(SUM)`` and ``Fetch_and_op`` while they do the same; every total must be exact.
 
