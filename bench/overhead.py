@@ -43,6 +43,7 @@ _PLOT_RANGE = (0.8, 1.2)
 LABELS = {
     ("torch", "ours"): "TorchAgent(Sync), agent.step()",
     ("torch", "bare"): "horovod.torch.DistributedOptimizer, opt.step()",
+    ("torch", "ddp"): "torch DistributedDataParallel (gloo), opt.step()",
     ("keras", "ours"): "KerasAgent(Sync), tf.function step with the agent's optimizer",
     ("keras", "ours_fit"): "KerasAgent(Sync), agent.fit, rate inside the epoch",
     ("keras", "model_fit"): "Keras model.fit on the agent's model, no agent callbacks",
@@ -66,6 +67,8 @@ def _framework_result(result: dict[str, Any], seconds: float) -> dict[str, Any]:
         "added_us_per_step": {name: spread([1e6 / a - 1e6 / b for a, b in zip(values, bare)])
                               for name, values in rates.items() if name != "bare"},
     }
+    if "ddp" in rates:
+        data["ours_vs_ddp"] = ratio_spread(rates["ours"], rates["ddp"])
     if "fit_setup_s" in result:
         data["fit_setup_s"] = {name: spread(values) for name, values in result["fit_setup_s"].items()}
         data["agent_fit_over_model_fit"] = ratio_spread(rates["ours_fit"], rates["model_fit"])
@@ -103,6 +106,14 @@ def summary_rows(payload: dict[str, Any]) -> list[list[str]]:
                 f"Overhead, {fw} {label} ({data['parameters'] / 1e6:.1f}M-param MLP, {payload['ranks']} ranks)",
                 "steps/s (higher is better)", fmt_spread(data["steps_per_s"][name]),
                 f"{fmt_spread(bare)} bare Horovod", fmt_spread(ratio),
+            ])
+    for frameworks in payload["models"].values():
+        data = frameworks.get("torch", {})
+        if "ours_vs_ddp" in data:
+            rows.append([
+                f"TorchAgent(Sync) vs PyTorch DDP (gloo), {data['parameters'] / 1e6:.2g}M-param MLP, "
+                f"{payload['ranks']} ranks", "steps/s (higher is better)", fmt_spread(data["steps_per_s"]["ours"]),
+                f"{fmt_spread(data['steps_per_s']['ddp'])} DDP", fmt_spread(data["ours_vs_ddp"]),
             ])
     return rows
 

@@ -2,7 +2,7 @@
 
 Reports the MPI library and thread level, whether one-sided windows work between the ranks
 (a real probe: concurrent accumulates from every rank, across nodes when the job spans them),
-Open MPI's one-sided (``osc``) components,
+Open MPI's one-sided (``osc``) components, the Horovod settings in force and who chose them,
 Horovod's build (frameworks, controllers, NCCL), TensorFlow/Keras/PyTorch versions, the GPUs
 seen, the launcher and the ranks, then a verdict. Exits non-zero when something required is
 missing. Run it plainly or under the launcher you will use (``mpirun -np 2 python -m
@@ -96,6 +96,12 @@ def _horovod() -> list[Check]:
     hvd = next(iter(built.values()))
     controllers = [n for n, f in (("MPI", hvd.mpi_built), ("Gloo", hvd.gloo_built)) if f()]
     ops = [n for n, f in (("NCCL", hvd.nccl_built), ("CUDA", hvd.cuda_built)) if f()]
+    from .horovod_settings import cores_per_rank, in_force
+    from .runtime import init
+
+    cores = cores_per_rank(init().local_size)
+    checks.append(Check("Horovod settings", OK, f"{cores:g} core(s) per rank: " + ", ".join(
+        f"{x.name.removeprefix('HOROVOD_')}={x.value or '-'} ({x.source})" for x in in_force(cores))))
     checks.insert(0, Check("Horovod", OK if "MPI" in controllers else FAIL,
                            f"{_version('horovod')}; controllers: {', '.join(controllers) or 'none'}; "
                            f"GPU ops: {', '.join(ops) or 'none (CPU build)'}"))

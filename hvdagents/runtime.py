@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Mapping
 
-from .errors import LauncherError, ThreadLevelError
+from . import horovod_settings
+from .errors import LauncherError, ThreadLevelError, UsageError
 
 __all__ = [
     "Context",
@@ -151,8 +152,16 @@ def _thread_level_name(level: int) -> str:
     return names.get(level, str(level))
 
 
-def init() -> Context:
+def init(*, timeline: str | os.PathLike | None = None, autotune: bool | None = None,
+         autotune_log: str | os.PathLike | None = None) -> Context:
     """Initialise this process as an agent and return its :class:`Context`. Idempotent.
+
+    ``timeline``: a file that Horovod's timeline is written to (Chrome trace JSON, by rank 0:
+    every collective's negotiation and execution, open it in ``chrome://tracing`` or Perfetto).
+    ``autotune``: Horovod tunes its fusion threshold and cycle time while training (and logs
+    its samples to ``autotune_log``). They take effect when the first agent starts Horovod;
+    asking for them after that raises :class:`UsageError`. See
+    :mod:`hvdagents.horovod_settings` for the defaults hvdagents gives Horovod.
 
     Collective on the first call (every rank must call it): MPI is initialised through
     mpi4py at ``MPI_THREAD_MULTIPLE`` and a node-local communicator is split off to find
@@ -170,6 +179,13 @@ def init() -> Context:
     """
     global _context
     with _lock:
+        if timeline is not None or autotune is not None or autotune_log is not None:
+            if _bindings:
+                raise UsageError(
+                    "hva.init(timeline=..., autotune=...) came after Horovod started (an agent "
+                    "exists already): pass them to the first hva.init() call"
+                )
+            horovod_settings.requested(timeline=timeline, autotune=autotune, autotune_log=autotune_log)
         if _context is not None:
             return _context
         env = os.environ
@@ -246,6 +262,7 @@ def horovod_binding(framework: str) -> ModuleType:
     pin_gpu(framework)
     hvd = import_module(_BINDINGS[framework])
     if not hvd.is_initialized():
+        horovod_settings.apply(horovod_settings.cores_per_rank(ctx.local_size))  # unless the user set them
         if ctx.mpi_world:
             hvd.init(comm=ctx.comm)
         else:

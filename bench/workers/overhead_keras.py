@@ -28,6 +28,7 @@ from mpi4py import MPI  # mpi4py initialises MPI at MPI_THREAD_MULTIPLE, as Horo
 
 import hvdagents as hva
 from bench.workers._util import emit, overhead_args, timed
+from hvdagents.runtime import horovod_binding
 
 LR = 0.01
 MOMENTUM = 0.9
@@ -56,7 +57,7 @@ class _BatchClock(keras.callbacks.Callback):
 def main() -> None:
     args = overhead_args()
     comm = MPI.COMM_WORLD
-    hvd.init(comm=comm)
+    horovod_binding("tensorflow")  # Horovod started as the agents start it (hvdagents' settings), shared by all loops
     rng = np.random.default_rng(SEED + comm.Get_rank())
     x_np = rng.standard_normal((args.steps * args.batch, args.dims[0])).astype(np.float32)
     y_np = rng.integers(0, args.dims[-1], args.steps * args.batch).astype(np.int64)

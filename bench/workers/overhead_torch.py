@@ -1,18 +1,25 @@
-"""TorchAgent(Sync) against the bare ``horovod.torch.DistributedOptimizer`` loop, interleaved.
+"""TorchAgent(Sync) against the bare ``horovod.torch.DistributedOptimizer`` loop and PyTorch's
+``DistributedDataParallel`` (gloo), interleaved.
 
-Both loops train their own copy of the same MLP on the same fixed batch, in one MPI job, in
-alternating order (ours, bare, bare, ours, ...), so both see the same machine state. Rank 0
-prints the steps per second of every repetition.
+The loops train their own copy of the same MLP on the same fixed batch, in one MPI job, in
+rotating order, so all see the same machine state. Rank 0 prints the steps per second of
+every repetition. DDP's gloo group meets at rank 0's ``MASTER_ADDR`` (default 127.0.0.1) on
+a port rank 0 picks.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+
 import horovod.torch as hvd
 import torch
+import torch.distributed as dist
 from mpi4py import MPI  # mpi4py initialises MPI at MPI_THREAD_MULTIPLE, as Horovod needs
 
 import hvdagents as hva
 from bench.workers._util import emit, overhead_args, timed
+from hvdagents.runtime import horovod_binding
 
 LR = 0.01
 MOMENTUM = 0.9
@@ -29,11 +36,25 @@ def build(dims: list[int]) -> torch.nn.Module:
     return torch.nn.Sequential(*layers)
 
 
+def _init_gloo(comm: MPI.Comm) -> None:
+    """torch.distributed over gloo, every MPI rank its rank (collective)."""
+    port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=comm.Get_rank(),
+                            world_size=comm.Get_size())
+
+
 def main() -> None:
     args = overhead_args()
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
-    hvd.init(comm=comm)
+    horovod_binding("torch")  # Horovod started as the agents start it (hvdagents' settings), shared by all loops
+    _init_gloo(comm)
     gen = torch.Generator().manual_seed(SEED + comm.Get_rank())
     x = torch.randn(args.batch, args.dims[0], generator=gen)
     y = torch.randint(0, args.dims[-1], (args.batch,), generator=gen)
@@ -61,13 +82,23 @@ def main() -> None:
         loss_fn(our_model(x), y).backward()
         agent.step()
 
-    variants = {"ours": our_step, "bare": bare_step}
+    # PyTorch DistributedDataParallel over gloo, as its documentation writes it
+    ddp_model = torch.nn.parallel.DistributedDataParallel(build(args.dims))
+    ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=LR, momentum=MOMENTUM)
+
+    def ddp_step() -> None:
+        ddp_opt.zero_grad()
+        loss_fn(ddp_model(x), y).backward()
+        ddp_opt.step()
+
+    variants = {"ours": our_step, "bare": bare_step, "ddp": ddp_step}
     for step in variants.values():
         for _ in range(args.warmup):
             step()
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for rep in range(args.reps):
-        order = list(variants) if rep % 2 == 0 else list(reversed(variants))
+        order = names[rep % len(names):] + names[:rep % len(names)]
         for name in order:
             step = variants[name]
 
@@ -78,6 +109,7 @@ def main() -> None:
             rates[name].append(args.steps / timed(comm, body))
     params = sum(p.numel() for p in our_model.parameters())
     agent.close()
+    dist.destroy_process_group()
     if comm.Get_rank() == 0:
         emit({"framework": "torch", "ranks": comm.Get_size(), "parameters": params, "dims": args.dims,
               "batch": args.batch, "steps": args.steps, "steps_per_s": rates})
