@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from . import allreduce, longrun, memory, overhead, scaling, store, straggler
+from . import allreduce, cycle_time, longrun, memory, overhead, scaling, store, straggler
 from ._common import DEFAULT_OUT, JobFailed, md_table, read_json
 
 __all__ = ["BENCHMARKS", "main", "render_results"]
@@ -26,6 +26,7 @@ __all__ = ["BENCHMARKS", "main", "render_results"]
 BENCHMARKS: dict[str, ModuleType] = {
     "overhead": overhead,
     "allreduce": allreduce,
+    "cycle_time": cycle_time,
     "store": store,
     "straggler": straggler,
     "scaling": scaling,
@@ -36,6 +37,7 @@ BENCHMARKS: dict[str, ModuleType] = {
 TITLES = {
     "overhead": "Wrapper overhead",
     "allreduce": "All-reduce bandwidth and tensor fusion",
+    "cycle_time": "Horovod's cycle time",
     "store": "Parameter store throughput",
     "straggler": "Straggler: time to a target loss",
     "scaling": "Scaling model (α–β)",

@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 #: Hard limit for the whole quick run (each MPI job inside has its own, shorter one).
 QUICK_RUN_TIMEOUT = 300
-NAMES = ["overhead", "allreduce", "store", "straggler", "scaling", "memory", "longrun"]
+NAMES = ["overhead", "allreduce", "cycle_time", "store", "straggler", "scaling", "memory", "longrun"]
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
     "overhead": ["ranks", "target_ratio", "models"],
@@ -26,6 +26,7 @@ REQUIRED = {
     "scaling": ["nodes", "links_gbit", "alpha", "seconds"],
     "memory": ["n", "ranks", "model_mib", "strategies"],
     "longrun": ["ranks", "epochs", "runs", "bars"],
+    "cycle_time": ["cycle_times_ms", "worlds"],
 }
 MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
 SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
