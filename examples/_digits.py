@@ -51,6 +51,8 @@ def parser(description: str, default_strategy: str = "sync") -> argparse.Argumen
     p.add_argument("--max-staleness", type=int, default=None)
     p.add_argument("--staleness-aware", action="store_true", help="Downpour: scale each push by 1/staleness")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="where to train (default: cuda when a GPU is visible; a rank uses its local rank's GPU)")
     p.add_argument("--checkpoint", default=None, help="rank 0 writes a checkpoint here every epoch")
     p.add_argument("--resume", action="store_true", help="resume from --checkpoint if it exists")
     p.add_argument("--csv", default=None, help="rank 0 logs per-epoch metrics to this CSV")

@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None, default_strategy: str = "sync") -> float
     args = _digits.parser(__doc__.splitlines()[0], default_strategy).parse_args(argv)
     # SIGUSR1 (SLURM preemption, slurm/requeue.sbatch): checkpoint at the epoch's end, exit 75
     preempted = PreemptionFlag() if args.checkpoint else None
-    ctx = hva.init()
+    ctx = hva.init()  # pins this rank to its local rank's GPU before TensorFlow starts
+    if args.device == "cpu":
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
     import keras
 
     keras.utils.set_random_seed(args.seed + ctx.rank)  # differs per rank: the agent broadcasts rank 0's

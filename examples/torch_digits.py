@@ -28,8 +28,9 @@ def build_model() -> torch.nn.Module:
 
 
 def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    device = next(model.parameters()).device
     with torch.no_grad():
-        return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+        return float((model(torch.from_numpy(x).to(device)).argmax(1).cpu().numpy() == y).mean())
 
 
 def main(argv: list[str] | None = None, default_strategy: str = "sync") -> float | None:
@@ -40,7 +41,9 @@ def main(argv: list[str] | None = None, default_strategy: str = "sync") -> float
     torch.manual_seed(args.seed + ctx.rank)  # differs per rank: the agent broadcasts rank 0's
     x_train, y_train, x_test, y_test = _digits.load()
     x, y = _digits.my_shard(x_train, y_train, ctx)
-    model = build_model()
+    # after hva.init(): it pinned this rank to its local rank's GPU, which is device 0 now
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = build_model().to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     agent = hva.TorchAgent(model, optimizer, strategy=_digits.strategy_from(args))
     start_epoch = 0
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None, default_strategy: str = "sync") -> float
         for i in range(steps):
             idx = order[i * args.batch_size:(i + 1) * args.batch_size]
             optimizer.zero_grad()
-            loss = loss_fn(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
+            loss = loss_fn(model(torch.from_numpy(x[idx]).to(device)), torch.from_numpy(y[idx]).to(device))
             loss.backward()
             agent.step()
             total += loss.item()

@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Build Horovod 0.28.1 from its PyPI sdist for the frameworks installed in $PY's environment,
-# and install it. The built wheel is cached under ~/.cache/hvdagents/ keyed by the Horovod,
-# torch, TensorFlow and Python versions, so later runs (and other clones) skip the ~10 min build.
+# and install it. The built wheel is cached under ~/.cache/hvdagents/ keyed by everything that
+# changes the binary (Horovod, torch, TensorFlow, Python, the MPI, CUDA, NCCL, the GPU
+# operations: tools/setup_plan.py cache-key), so later runs (and other clones) skip the build.
+#
+# GPU: HOROVOD_GPU_OPERATIONS=NCCL builds the NCCL all-reduce. CUDA comes from CUDA_HOME or the
+# nvcc on PATH; NCCL from NCCL_HOME (or HOROVOD_NCCL_HOME), else from the framework's NCCL
+# package in the venv (nvidia-nccl-cu12/cu13). Missing either is an error naming what to set.
 #
 # Horovod 0.28.1 (June 2023) is the newest release; its sdist does not build against current
 # frameworks as-is. The two fixes below are the whole difference from upstream:
@@ -14,12 +19,25 @@ PY=${PY:-python3}
 HOROVOD_VERSION=0.28.1
 CACHE=${HVDAGENTS_CACHE:-$HOME/.cache/hvdagents}
 
-key=$("$PY" - <<PYEOF
-import sys, importlib.metadata as md
-v = lambda n: md.version(n)
-print(f"horovod-$HOROVOD_VERSION-torch-{v('torch')}-tf-{v('tensorflow-cpu')}-py{sys.version_info.major}{sys.version_info.minor}")
-PYEOF
-)
+TOOLS=$(cd "$(dirname "$0")" && pwd)
+if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
+    if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+        CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME
+    fi
+    if [ -z "${CUDA_HOME:-}" ] || [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+        echo "[build_horovod] HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS needs CUDA: set CUDA_HOME to a CUDA" \
+             "toolkit (with bin/nvcc), or 'module load cuda'" >&2
+        exit 1
+    fi
+    NCCL_HOME=${HOROVOD_NCCL_HOME:-${NCCL_HOME:-$("$PY" -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)}}
+    if [ -z "$NCCL_HOME" ] || ! ls "$NCCL_HOME"/lib/libnccl.so* >/dev/null 2>&1; then
+        echo "[build_horovod] HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS needs NCCL: set NCCL_HOME (with" \
+             "lib/libnccl.so), or install the framework's NCCL package (nvidia-nccl-cu12) into the venv" >&2
+        exit 1
+    fi
+    export HOROVOD_NCCL_HOME=$NCCL_HOME HOROVOD_CUDA_HOME=$CUDA_HOME
+fi
+key=$(python3 "$TOOLS/setup_plan.py" cache-key "$PY")
 wheel_dir=$CACHE/$key
 mkdir -p "$CACHE"
 

@@ -4,39 +4,46 @@
 #   tools/setup.sh            # idempotent; a second run with everything in place takes seconds
 #
 # Steps (each skipped when already done):
-#   1. MPI: use the MPI on PATH (a cluster's `module load`); only when none is there and we are
-#      root on Debian, install Open MPI from Debian's packages.
-#   2. .venv/ with the pinned frameworks (torch CPU wheel, tensorflow-cpu, mpi4py, ...).
-#   3. Horovod 0.28.1 built from its sdist with two source fixes (tools/build_horovod.sh),
-#      the wheel cached under ~/.cache/hvdagents/ keyed by Horovod/torch/TF/Python versions.
+#   1. MPI: use the MPI on PATH (a cluster's `module load`; `mpicc`, or Cray's `cc`); only when
+#      none is there and we are root on Debian, install Open MPI from Debian's packages.
+#   2. .venv/ with every Python package pinned by tools/constraints-{cpu,gpu}.txt (the variant:
+#      gpu where nvidia-smi lists a GPU or HVDAGENTS_GPU=1, else cpu); mpi4py compiled from
+#      source against the MPI on PATH, again whenever that MPI changes (module swap).
+#   3. Horovod 0.28.1 built from its sdist with two source fixes (tools/build_horovod.sh), with
+#      NCCL for the gpu variant; the wheel cached under ~/.cache/hvdagents/ keyed by Horovod,
+#      torch, TF, Python, the MPI, CUDA, NCCL and the GPU operations (tools/setup_plan.py).
 #   4. hvdagents installed editable.
+# Works as a non-root user when an MPI is on PATH (nothing is installed outside the venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${HVDAGENTS_VENV:-$ROOT/.venv}
 STAMP=$VENV/.hvdagents-setup-ok
 
-TORCH_VERSION=2.13.0
-TF_VERSION=2.21.0
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 # pip, without the warnings this machine's pip configuration prints for absent local indexes.
 pip_install() { "$PY" -m pip install -q "$@" 2>&1 | { grep -v 'is ignored: it is neither' || true; }; }
 
 # --- 1. MPI -------------------------------------------------------------------------------
-have_mpi() { command -v mpirun >/dev/null 2>&1 && command -v mpicc >/dev/null 2>&1; }
+PLAN="python3 tools/setup_plan.py"
+have_mpi() { command -v mpirun >/dev/null 2>&1 && [ -n "$($PLAN mpicc)" ]; }
 if ! have_mpi; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         log "no MPI on PATH and we are root: installing Open MPI from Debian"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null
     else
-        log "ERROR: no MPI found (mpirun and mpicc must be on PATH)."
+        log "ERROR: no MPI found (mpirun and mpicc, or Cray's cc, must be on PATH)."
         log "On a cluster: 'module load' your site's MPI first. On your own Debian/Ubuntu box:"
         log "run this script as root, or 'apt-get install openmpi-bin libopenmpi-dev'."
         exit 1
     fi
 fi
+MPICC=$($PLAN mpicc)
+MPI_ID=$($PLAN mpi-identity)
+VARIANT=$($PLAN variant)
+CONSTRAINTS=$($PLAN constraints)
 
 # iproute2: the multi-host tests build simulated hosts with `ip netns` (root only; else skipped)
 if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -51,24 +58,40 @@ if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
 PY=$VENV/bin/python
-# Fast path: everything installed by an earlier run of the same recipe.
-RECIPE_HASH=$(cat tools/setup.sh tools/build_horovod.sh setup.cfg | sha256sum | cut -c1-16)
+# Fast path: everything installed by an earlier run of the same recipe, MPI and variant.
+RECIPE_HASH=$({ cat tools/setup.sh tools/build_horovod.sh tools/setup_plan.py "$CONSTRAINTS" setup.cfg
+                echo "$MPI_ID $VARIANT"; } | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$RECIPE_HASH" ] \
    && "$PY" -c 'import horovod.torch, horovod.tensorflow, mpi4py, hvdagents' 2>/dev/null; then
     log "environment up to date ($VENV)"
     exit 0
 fi
 
-log "installing frameworks into $VENV"
-pip_install --upgrade pip wheel 'setuptools<81'
-pip_install "torch==$TORCH_VERSION" "tensorflow-cpu==$TF_VERSION"
-# mpi4py compiles against the MPI found above.
-pip_install mpi4py numpy scikit-learn pytest pytest-timeout tqdm matplotlib gymnasium ruff \
+log "installing the $VARIANT set into $VENV (MPI: $MPI_ID; pins: $CONSTRAINTS)"
+pip_install -c "$CONSTRAINTS" --upgrade pip wheel setuptools
+if [ "$VARIANT" = gpu ]; then
+    pip_install -c "$CONSTRAINTS" torch "tensorflow[and-cuda]"
+else
+    pip_install -c "$CONSTRAINTS" torch tensorflow-cpu
+fi
+pip_install -c "$CONSTRAINTS" numpy scikit-learn pytest pytest-timeout tqdm matplotlib gymnasium ruff \
     cloudpickle psutil pyyaml packaging cffi
+# mpi4py compiled against the MPI on PATH (a binary wheel may load another libmpi than the one
+# Horovod is built with); again, and Horovod rebuilt, when that MPI changed.
+MPI_STAMP=$VENV/.hvdagents-mpi
+if [ "$(cat "$MPI_STAMP" 2>/dev/null)" != "$MPI_ID" ]; then
+    log "building mpi4py against $MPI_ID ($MPICC)"
+    MPICC=$MPICC pip_install -c "$CONSTRAINTS" --force-reinstall --no-deps --no-binary mpi4py mpi4py
+    "$PY" -m pip uninstall -q -y horovod 2>/dev/null || true
+    echo "$MPI_ID" > "$MPI_STAMP"
+fi
 
 # --- 3. Horovod ---------------------------------------------------------------------------------
 if ! "$PY" -c 'import horovod.torch, horovod.tensorflow' 2>/dev/null; then
-    PY=$PY tools/build_horovod.sh
+    if [ "$VARIANT" = gpu ]; then
+        export HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS:-NCCL}
+    fi
+    PY=$PY MPICC=$MPICC tools/build_horovod.sh
 fi
 
 # --- 4. hvdagents -----------------------------------------------------------------------------
