@@ -98,3 +98,26 @@ def test_the_mpi_compiler_is_mpicc_or_crays_cc(tmp_path):
     (tmp_path / "mpicc").write_text("#!/bin/sh\n")
     (tmp_path / "mpicc").chmod(0o755)
     assert plan.mpi_compiler({"PATH": path, "CRAY_MPICH_DIR": "/opt/cray/mpich"}) == "mpicc"
+
+
+def _build_horovod(env_extra, tmp_path):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "NCCL_HOME", "HOROVOD_NCCL_HOME")}
+    env.update({"PATH": "/usr/bin:/bin", "PY": sys.executable, "HVDAGENTS_CACHE": str(tmp_path / "cache"),
+                "HOROVOD_GPU_OPERATIONS": "NCCL", **env_extra})
+    return subprocess.run(["bash", str(TOOLS / "build_horovod.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_a_gpu_build_without_cuda_or_nccl_stops_and_names_what_to_set(tmp_path):
+    found = _build_horovod({}, tmp_path)
+    assert found.returncode == 1 and "needs CUDA: set CUDA_HOME" in found.stderr
+    cuda = tmp_path / "cuda"
+    (cuda / "bin").mkdir(parents=True)
+    (cuda / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    (cuda / "bin" / "nvcc").chmod(0o755)
+    found = _build_horovod({"CUDA_HOME": str(cuda)}, tmp_path)  # this venv has no NCCL package
+    assert found.returncode == 1 and "needs NCCL: set NCCL_HOME" in found.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())  # nothing built

@@ -29,7 +29,14 @@ if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
              "toolkit (with bin/nvcc), or 'module load cuda'" >&2
         exit 1
     fi
-    NCCL_HOME=${HOROVOD_NCCL_HOME:-${NCCL_HOME:-$("$PY" -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)}}
+    # the venv's NCCL (torch's CUDA 13 one first): the directory above lib/libnccl.so*
+    NCCL_HOME=${HOROVOD_NCCL_HOME:-${NCCL_HOME:-$("$PY" - <<'PYEOF' 2>/dev/null || true
+import glob, os, sysconfig
+found = sorted(glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "nvidia", "**", "libnccl.so*"), recursive=True),
+               key=lambda p: ("cu13" not in p, p))
+print(os.path.dirname(os.path.dirname(found[0])) if found else "")
+PYEOF
+)}}
     if [ -z "$NCCL_HOME" ] || ! ls "$NCCL_HOME"/lib/libnccl.so* >/dev/null 2>&1; then
         echo "[build_horovod] HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS needs NCCL: set NCCL_HOME (with" \
              "lib/libnccl.so), or install the framework's NCCL package (nvidia-nccl-cu12) into the venv" >&2

@@ -112,7 +112,7 @@ def _venv_versions(python: str) -> dict[str, str]:
         "        except md.PackageNotFoundError:\n            pass\n"
         "    return 'none'\n"
         "print(v('torch')); print(v('tensorflow', 'tensorflow-cpu')); "
-        "print(f'{sys.version_info.major}{sys.version_info.minor}'); print(v('nvidia-nccl-cu12', 'nvidia-nccl-cu13'))\n"
+        "print(f'{sys.version_info.major}{sys.version_info.minor}'); print(v('nvidia-nccl-cu13', 'nvidia-nccl-cu12'))\n"
     )
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=120).stdout.split()
     return {"torch": out[0], "tensorflow": out[1], "python": out[2], "nccl": out[3]}
