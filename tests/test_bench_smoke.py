@@ -110,7 +110,8 @@ def test_quick_run_measures_what_it_compares(quick_out):
     overhead = json.loads((quick_out / "overhead.json").read_text())
     large = overhead["models"]["large"]
     assert set(large) == {"torch", "keras"}
-    assert set(large["torch"]["ratio_vs_bare"]) == {"ours"}
+    assert set(large["torch"]["ratio_vs_bare"]) == {"ours", "ddp"}  # DDP (gloo) on the same loop
+    assert large["torch"]["ours_vs_ddp"]["median"] > 0
     assert set(large["keras"]["ratio_vs_bare"]) == {"ours", "ours_fit", "model_fit"}
     for data in large.values():
         for added in data["added_us_per_step"].values():

@@ -24,18 +24,9 @@ from mpi4py import MPI
 
 import hvdagents as hva
 from bench.workers._util import emit, timed
+from bench.workers.overhead_torch import build
 
-DIMS = [64, 256, 256, 10]
-
-
-def _mlp() -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(DIMS[:-1], DIMS[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(DIMS) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
+DIMS = [64, 256, 256, 10]  # the 85K-parameter MLP of the overhead benchmark
 
 
 def _cpu_seconds() -> float:
@@ -71,7 +62,7 @@ def main() -> None:
                     hvd.allreduce_(small, op=hvd.Sum, name="small")
 
             found[cycle]["latency_s"].append(timed(comm, reduce_loop) / args.ops)
-            model = _mlp()
+            model = build(DIMS)
             opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                                            named_parameters=model.named_parameters())
 

@@ -133,6 +133,7 @@ class GradientAllreducer:
             return
         for name, (_, _, grad) in self._handles.items():
             if self._tracked[name].grad is not grad:
+                self._drain()  # the peers' matching all-reduces complete before anyone goes on
                 raise UsageError(
                     "optimizer.zero_grad() was called after loss.backward() but before agent.step(): "
                     "the gradients being averaged were dropped. Call zero_grad() before backward(), "
@@ -168,6 +169,13 @@ class GradientAllreducer:
             reduced.div_(active)
             if reduced.data_ptr() != grad.data_ptr():
                 grad.copy_(reduced)
+        self._handles.clear()
+        self._passes.clear()
+
+    def _drain(self) -> None:
+        """Wait for every all-reduce in flight and forget them (their results are dropped)."""
+        for handle, _, _ in self._handles.values():
+            self._hvd.synchronize(handle)
         self._handles.clear()
         self._passes.clear()
 
