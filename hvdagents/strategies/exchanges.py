@@ -225,7 +225,7 @@ class GossipExchange(Exchange):
         self._published = np.zeros(self.n, self.dtype)  # the model as of the last publication
         self._scratch = np.empty(self.n, self.dtype)
         self._changed = np.empty(self.n, self.dtype)
-        self._moved = np.empty(self.n, self.dtype)
+        self._moved: Optional[np.ndarray] = None  # only for a matrix with several peers per row
 
     @classmethod
     def check_world(cls, strategy: Strategy, size: int) -> None:
@@ -258,15 +258,26 @@ class GossipExchange(Exchange):
         np.subtract(x, self._published, out=self._changed)  # own progress since publishing
         self._fold_deliveries(x)
         if self.size > 1:
-            self._moved.fill(0)
-            for peer, weight in self._partners():
+            partners = self._partners()
+            moved = None
+            if len(partners) > 1:  # every move is computed from the same x: collect them first
+                if self._moved is None:
+                    self._moved = np.empty(self.n, self.dtype)
+                moved = self._moved
+                moved.fill(0)
+            for peer, weight in partners:
                 d = self.models.read(peer, out=self._scratch)
                 d -= x
                 d *= weight
-                self._moved += d
-                self.models.deliver(peer, np.negative(d))
-            x += self._moved
-            self._changed += self._moved
+                self._changed += d
+                if moved is None:
+                    x += d
+                else:
+                    moved += d
+                np.negative(d, out=d)
+                self.models.deliver(peer, d)
+            if moved is not None:
+                x += moved
         self.models.deliver(self.rank, self._changed)  # publish: the window now holds x
         self._published[:] = x
         params.set_flat(x)
