@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from . import allreduce, cycle_time, longrun, memory, overhead, scaling, store, straggler
+from . import allreduce, crosshost, cycle_time, longrun, memory, overhead, scaling, store, straggler
 from ._common import DEFAULT_OUT, JobFailed, md_table, read_json
 
 __all__ = ["BENCHMARKS", "main", "render_results"]
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "overhead": overhead,
     "allreduce": allreduce,
     "cycle_time": cycle_time,
+    "crosshost": crosshost,
     "store": store,
     "straggler": straggler,
     "scaling": scaling,
@@ -38,6 +39,7 @@ TITLES = {
     "overhead": "Wrapper overhead",
     "allreduce": "All-reduce bandwidth and tensor fusion",
     "cycle_time": "Horovod's cycle time",
+    "crosshost": "Across two hosts (TCP)",
     "store": "Parameter store throughput",
     "straggler": "Straggler: time to a target loss",
     "scaling": "Scaling model (α–β)",

@@ -84,18 +84,25 @@ class JobOutput:
 
 
 def run_mpi(worker: str, np_ranks: int, args: Sequence[str] = (), *, timeout: float,
-            env: Mapping[str, str] | None = None) -> JobOutput:
-    """Run ``bench/workers/<worker>.py args`` on ``np_ranks`` local ranks under ``mpirun``.
+            env: Mapping[str, str] | None = None, hosts: Any = None) -> JobOutput:
+    """Run ``bench/workers/<worker>.py args`` on ``np_ranks`` local ranks under ``mpirun``, or
+    spread evenly over ``hosts`` (:class:`hvdagents.testing.SimulatedHosts`).
 
     The job runs in its own process group and the whole group is killed after ``timeout``
-    seconds, so a hang fails the benchmark instead of the run. Raises :class:`JobFailed`
-    with the tail of the output on a non-zero exit, a timeout or no result line.
+    seconds (with every process in ``hosts``), so a hang fails the benchmark instead of the
+    run. Raises :class:`JobFailed` with the tail of the output on a non-zero exit, a timeout
+    or no result line.
     """
     mpirun = shutil.which("mpirun") or "mpirun"
-    command = [mpirun, "-np", str(np_ranks), "--bind-to", "none", "--oversubscribe",
+    placement = ["--oversubscribe"] if hosts is None else ["-H", hosts.hosts_arg(np_ranks // hosts.count)]
+    command = [mpirun, "-np", str(np_ranks), "--bind-to", "none", *placement,
                sys.executable, str(WORKERS / f"{worker}.py"), *args]
+    if hosts is not None:
+        command = [*hosts.enter(0), *command]
     full_env = dict(os.environ)
     full_env.update(JOB_ENV)
+    if hosts is not None:
+        full_env.update(hosts.env)
     full_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{full_env.get('PATH', '')}"
     if env:
         full_env.update(env)
@@ -106,6 +113,8 @@ def run_mpi(worker: str, np_ranks: int, args: Sequence[str] = (), *, timeout: fl
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        if hosts is not None:
+            hosts.kill_all()
         stdout, stderr = proc.communicate()
         raise JobFailed(f"{worker} on {np_ranks} ranks timed out after {timeout:.0f} s\n"
                         f"{(stdout + stderr)[-_OUTPUT_TAIL:]}") from None

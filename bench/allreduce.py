@@ -19,7 +19,7 @@ import numpy as np
 
 from ._common import fmt_spread, md_table, pyplot, ratio_spread, run_mpi, save_figure, spread, write_json
 
-__all__ = ["NAME", "run", "summary_rows", "markdown", "bus_bandwidth", "fit_alpha_beta"]
+__all__ = ["NAME", "run", "measure", "summary_rows", "markdown", "plot", "bus_bandwidth", "fit_alpha_beta"]
 
 NAME = "allreduce"
 RANKS = 2
@@ -56,11 +56,19 @@ def fit_alpha_beta(sizes: list[int], seconds: list[float], ranks: int) -> dict[s
 
 def run(out: Path, quick: bool) -> dict[str, Any]:
     """Run the all-reduce job; write ``allreduce.json`` and ``allreduce.png``; return the payload."""
+    payload = measure(quick)
+    write_json(out, NAME, payload)
+    plot(payload, out / f"{NAME}.png")
+    return payload
+
+
+def measure(quick: bool, hosts: Any = None) -> dict[str, Any]:
+    """The all-reduce job on :data:`RANKS` ranks (one per host with ``hosts``); its payload."""
     settings = QUICK if quick else FULL
     args = ["--sizes", ",".join(map(str, settings["sizes"])), "--reps", str(settings["reps"]),
             "--target-s", str(settings["target_s"]), "--small-count", str(SMALL_COUNT),
             "--small-bytes", str(SMALL_BYTES)]
-    job = run_mpi("allreduce", RANKS, args, timeout=TIMEOUT_S[quick])
+    job = run_mpi("allreduce", RANKS, args, timeout=TIMEOUT_S[quick], hosts=hosts)
     result = job.results[0]
     ranks = result["ranks"]
     sizes = []
@@ -88,12 +96,9 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     fit_points = [s for s in sizes if s["bytes"] <= FIT_MAX_BYTES] or sizes[:2]
     fits = {k: fit_alpha_beta([s["bytes"] for s in fit_points], [s["seconds"][k]["median"] for s in fit_points],
                               ranks) for k in ("mpi", "hvd")}
-    horovod_env = {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
-    payload = {"ranks": ranks, "quick": quick, "job_s": job.seconds, "sizes": sizes, "small_tensors": small,
-               "fit": fits, "horovod_env": horovod_env}
-    write_json(out, NAME, payload)
-    plot(payload, out / f"{NAME}.png")
-    return payload
+    horovod_env = result.get("horovod_env") or {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
+    return {"ranks": ranks, "quick": quick, "job_s": job.seconds, "sizes": sizes, "small_tensors": small,
+            "fit": fits, "horovod_env": horovod_env}
 
 
 def _size_label(nbytes: int) -> str:
@@ -165,7 +170,7 @@ def _fusion_note(payload: dict[str, Any]) -> str:
                 f"{count} separate `Allreduce`s cost less than one Horovod cycle"
                 + ("; packing by hand beats both." if rt["mpi_packed"]["median"] < rt["mpi_each"]["median"] else ".")
                 + network)
-    return " Fusion pays even on shared memory here." + network
+    return " Fusion pays here." + network
 
 
 def plot(payload: dict[str, Any], path: Path) -> Path:

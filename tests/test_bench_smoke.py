@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 #: Hard limit for the whole quick run (each MPI job inside has its own, shorter one).
 QUICK_RUN_TIMEOUT = 300
-NAMES = ["overhead", "allreduce", "cycle_time", "store", "straggler", "scaling", "memory", "longrun"]
+NAMES = ["overhead", "allreduce", "cycle_time", "crosshost", "store", "straggler", "scaling", "memory", "longrun"]
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
     "overhead": ["ranks", "target_ratio", "models"],
@@ -27,6 +27,7 @@ REQUIRED = {
     "memory": ["n", "ranks", "model_mib", "strategies"],
     "longrun": ["ranks", "epochs", "runs", "bars"],
     "cycle_time": ["cycle_times_ms", "worlds"],
+    "crosshost": ["hosts"],
 }
 MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
 SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
@@ -131,6 +132,9 @@ def test_quick_run_measures_what_it_compares(quick_out):
     memory = json.loads((quick_out / "memory.json").read_text())
     assert [s["strategy"] for s in memory["strategies"]] == ["sync", "localsgd", "downpour", "easgd", "gossip"]
     assert all(s["peak_over_baseline"] >= 1.0 for s in memory["strategies"])  # peaks only grow
+    crosshost = json.loads((quick_out / "crosshost.json").read_text())
+    if "skipped" not in crosshost:  # root with iproute2: the job really spanned two hosts
+        assert crosshost["allreduce"]["ranks"] == 2 and crosshost["one_sided"]["nodes"] == 2
     scaling = json.loads((quick_out / "scaling.json").read_text())
     assert scaling["alpha"]["source"].startswith("fitted"), "scaling must use the all-reduce fit of the same run"
 

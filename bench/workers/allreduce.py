@@ -23,6 +23,7 @@ Sums of zeros, so repeated in-place reductions stay finite.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable
 
 import numpy as np
@@ -130,7 +131,8 @@ def main() -> None:
         single = {str(size): {v: timer.times[f"{v}/{size}"] for v in ("hvd", "mpi", "mpi_beside_hvd")}
                   for size in args.sizes}
         small = {k.split("/", 1)[1]: v for k, v in timer.times.items() if k.startswith("small/")}
-        emit({"ranks": ctx.size, "single_s": single,
+        emit({"ranks": ctx.size, "horovod_env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
+              "single_s": single,
               "small": {"count": args.small_count, "bytes": args.small_bytes, "round_s": small}})
 
 
