@@ -81,7 +81,8 @@ pip_install -c "$CONSTRAINTS" numpy scikit-learn pytest pytest-timeout tqdm matp
 MPI_STAMP=$VENV/.hvdagents-mpi
 if [ "$(cat "$MPI_STAMP" 2>/dev/null)" != "$MPI_ID" ]; then
     log "building mpi4py against $MPI_ID ($MPICC)"
-    MPICC=$MPICC pip_install -c "$CONSTRAINTS" --force-reinstall --no-deps --no-binary mpi4py mpi4py
+    # --no-cache-dir: pip would reuse a wheel it built earlier against another MPI
+    MPICC=$MPICC pip_install -c "$CONSTRAINTS" --force-reinstall --no-deps --no-cache-dir --no-binary mpi4py mpi4py
     "$PY" -m pip uninstall -q -y horovod 2>/dev/null || true
     echo "$MPI_ID" > "$MPI_STAMP"
 fi
