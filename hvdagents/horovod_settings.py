@@ -39,6 +39,7 @@ HOROVOD_DEFAULTS: dict[str, str] = {
     "HOROVOD_TIMELINE": "",
 }
 
+
 def defaults(cores_per_rank: float) -> dict[str, str]:
     """What hvdagents sets when the user has not: a shorter cycle time where each rank of
     this node has ``SPARE_CORES_PER_RANK`` cores or more, Horovod's own values elsewhere."""

@@ -58,9 +58,8 @@ def mpi_compiler(env: Mapping[str, str]) -> Optional[str]:
     ``CRAY_MPICH_DIR`` says Cray MPICH is loaded); ``None`` when there is none."""
     if env.get("MPICC"):
         return env["MPICC"]
-    for name in ("mpicc",):
-        if shutil.which(name, path=env.get("PATH")):
-            return name
+    if shutil.which("mpicc", path=env.get("PATH")):
+        return "mpicc"
     if env.get("CRAY_MPICH_DIR") and shutil.which("cc", path=env.get("PATH")):
         return "cc"
     return None

@@ -250,15 +250,16 @@ class VectorPerRankWindow(Window):
         """Number of elements ``n`` of each rank's vector."""
         return self._n
 
-    def _read_vector(self, rank: int, out: Optional[np.ndarray]) -> np.ndarray:
+    def _read_vector(self, rank: int, out: Optional[np.ndarray], what: str = "read") -> np.ndarray:
         """``rank``'s whole vector into ``out`` (or a new array): ``Get_accumulate(NO_OP)``
-        then ``Flush``, so every element is a whole value even while others write to it."""
+        then ``Flush``, so every element is a whole value even while others write to it.
+        ``what`` names the calling method in errors."""
         MPI = mpi()
         if not 0 <= rank < self._nranks:
             raise ValueError(f"{type(self).__name__}.read rank must be in [0, {self._nranks}); got {rank}")
         with self._lock:
             win = self._win()
-            out = self._output("read out", out, self._n)
+            out = self._output(f"{what} out", out, self._n)
             win.Get_accumulate([None, 0, self._mpitype], [out, self._mpitype], rank,
                                target=(0, self._n, self._mpitype), op=MPI.NO_OP)
             win.Flush(rank)

@@ -59,13 +59,10 @@ class InboxWindow(VectorPerRankWindow):
         whole, then ``Accumulate(SUM)`` of its negation removes exactly what was read; a
         delivery in between stays in the inbox for the next take."""
         MPI = mpi()
-        with self._lock:
+        with self._lock:  # re-entrant: held across the read and the subtraction
+            out = self._read_vector(self._rank, out, "take")
             win = self._win()
-            out = self._output("take out", out, self._n)
             target = (0, self._n, self._mpitype)
-            win.Get_accumulate([None, 0, self._mpitype], [out, self._mpitype], self._rank,
-                               target=target, op=MPI.NO_OP)
-            win.Flush(self._rank)
             win.Accumulate([np.negative(out), self._mpitype], self._rank, target=target, op=MPI.SUM)
             win.Flush(self._rank)
             return out
