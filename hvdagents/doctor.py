@@ -1,7 +1,8 @@
 """``python -m hvdagents doctor``: is this environment ready for hvdagents?
 
-Reports the MPI library and thread level, whether one-sided windows work between the ranks
-(a real probe: concurrent accumulates from every rank, across nodes when the job spans them),
+Reports the MPI library and thread level, whether the windows' one-sided operations work
+between the ranks (a real probe: concurrent accumulates from every rank, with MPI's windows
+inside each node and through the relay between nodes, or however ``HVDAGENTS_WINDOWS`` says),
 Open MPI's one-sided (``osc``) components, the Horovod settings in force and who chose them,
 Horovod's build (frameworks, controllers, NCCL), TensorFlow/Keras/PyTorch versions, the GPUs
 seen, the launcher and the ranks, then a verdict. Exits non-zero when something required is
@@ -61,12 +62,55 @@ def _mpi() -> list[Check]:
     if not ctx.mpi_world:
         checks.append(Check("MPI world", WARN, "Gloo launch: sync strategies only (async ones need MPI)"))
     else:
-        from .strategies.windows.transport import probe
-
-        verdict = probe(ctx.comm)  # collective: a real one-sided probe between these ranks
-        checks.append(Check(ONE_SIDED, OK if verdict.ok else WARN, verdict.detail if verdict.ok else
-                            f"{verdict.detail} -- asynchronous strategies unavailable; synchronous ones work"))
+        ok, detail = _windows_probe(ctx.comm)  # collective: real one-sided operations between these ranks
+        checks.append(Check(ONE_SIDED, OK if ok else WARN, detail if ok else
+                            f"{detail} -- asynchronous strategies unavailable; synchronous ones work"))
     return checks
+
+
+#: Pushes of the relay probe per rank, and their length.
+RELAY_PROBE_PUSHES, RELAY_PROBE_ELEMENTS = 16, 4096
+
+
+def _windows_probe(comm) -> tuple[bool, str]:
+    """Collective: MPI's one-sided probe inside each group of the windows' layout, then, when
+    the layout has a relay, every rank pushes to a store sharded over all ranks and ticks a
+    clock through it; the totals must be exact on every rank."""
+    import numpy as np
+
+    from .strategies.windows import ClockWindow, ParameterWindow
+    from .strategies.windows.relay import layout_for
+    from .strategies.windows.transport import probe
+
+    layout = layout_for(comm)
+    verdict = probe(layout.group)
+    ok = bool(comm.allreduce(int(verdict.ok), op=_min_op()))  # a group's verdict is its own
+    where = {"mpi": "MPI windows across all ranks", "relay": "the relay between every pair of ranks",
+             "auto": "MPI windows inside each node"}[layout.mode]
+    if not ok or layout.relay is None:
+        return ok, f"{where}: {verdict.detail}"
+    size = comm.Get_size()
+    with ParameterWindow(RELAY_PROBE_ELEMENTS * size, np.float64, comm=comm) as store, \
+            ClockWindow(comm=comm) as clock:
+        for _ in range(RELAY_PROBE_PUSHES):
+            store.push(np.ones(RELAY_PROBE_ELEMENTS * size))
+            clock.tick()
+        comm.Barrier()
+        wrong = int(np.count_nonzero(store.pull() != RELAY_PROBE_PUSHES * size))
+        wrong += int(np.count_nonzero(clock.clocks() != RELAY_PROBE_PUSHES))
+        comm.Barrier()
+    wrong = comm.allreduce(wrong)
+    relay = f"relay between {layout.groups} {'node' if layout.mode == 'auto' else 'rank'}s"
+    if wrong:
+        return False, f"{where} ok, but the {relay} lost or corrupted {wrong} element(s) ({verdict.detail})"
+    return True, (f"{where} ({verdict.detail}); {relay}: {RELAY_PROBE_PUSHES} pushes and ticks per rank "
+                  "through it, none lost")
+
+
+def _min_op():
+    from mpi4py import MPI
+
+    return MPI.MIN
 
 
 def _osc() -> list[Check]:

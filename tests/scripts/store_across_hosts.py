@@ -1,4 +1,4 @@
-"""The parameter store across hosts: either exact or refused on every rank. RESULT per rank.
+"""The parameter store across hosts: exact, or refused on every rank. RESULT per rank.
 
 ``store``: 2500 pushes of 1000 ones from every rank, then 3 pushes of 10^6 ones; the pulls
 must hold exactly the totals. If the MPI cannot do it, every rank must get
@@ -34,6 +34,7 @@ try:
         ctx.comm.Barrier()
         out["small"] = sorted(set(small.pull().tolist()))
         out["large"] = sorted(set(large.pull().tolist()))
+        out["through_relay"] = large._layout.relay is not None
         ctx.comm.Barrier()
 except hva.OneSidedUnavailableError as err:
     out.update(refused=True, message=str(err))

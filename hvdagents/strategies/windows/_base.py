@@ -13,6 +13,7 @@ from typing import Any, Optional, TypeVar
 import numpy as np
 
 from ...errors import ClosedError, LauncherError
+from .relay import FETCH_SUM, GET, SUM, Layout, Relay, layout_for
 from .transport import check_one_sided
 
 __all__ = ["SUPPORTED_DTYPES", "Window", "VectorPerRankWindow", "mpi", "resolve_comm", "agree", "check_vector_args"]
@@ -32,20 +33,29 @@ def mpi() -> Any:
 class _Handle:
     """The MPI side of one window. Freed by ``close()`` or at interpreter exit, never by GC."""
 
-    __slots__ = ("win", "key")
+    __slots__ = ("win", "key", "comm", "relay", "relay_key")
 
-    def __init__(self, win: Any, key: int) -> None:
+    def __init__(self, win: Any, key: int, comm: Any, relay: Optional[Relay], relay_key: int) -> None:
         self.win = win
         self.key = key
+        self.comm = comm
+        self.relay = relay
+        self.relay_key = relay_key
 
     def free(self) -> None:
-        """Collective over the window's group: end the epoch and free the window."""
+        """Collective over the window's communicator: end the epoch and free the window.
+
+        With a relay, a barrier first: once every rank is past it, no operation on this
+        window is in flight, and this rank's service thread may forget it."""
         win, self.win = self.win, None
         with _registry_lock:
             _live.pop(self.key, None)
         if win is None or mpi().Is_finalized():
             return
         win.Unlock_all()
+        if self.relay is not None:
+            self.comm.Barrier()
+            self.relay.release(self.relay_key)
         win.Free()
 
 
@@ -55,10 +65,10 @@ _keys = itertools.count()
 _atexit_registered = False
 
 
-def _register(win: Any) -> _Handle:
+def _register(win: Any, comm: Any, relay: Optional[Relay], relay_key: int) -> _Handle:
     global _atexit_registered
     with _registry_lock:
-        handle = _Handle(win, next(_keys))
+        handle = _Handle(win, next(_keys), comm, relay, relay_key)
         _live[handle.key] = handle
         if not _atexit_registered:
             # registered after mpi4py's import, so it runs before MPI_Finalize (Py_AtExit)
@@ -129,7 +139,9 @@ _W = TypeVar("_W", bound="Window")
 
 
 class Window:
-    """Shared lifecycle: collective allocation, one ``Lock_all`` epoch, close, context manager.
+    """Shared lifecycle: collective allocation, one ``Lock_all`` epoch, close, context manager;
+    and the four operations every kind is made of, routed by the communicator's
+    :class:`~.relay.Layout`: MPI one-sided inside this rank's group, the relay to others.
 
     Calls on one window from several threads of a process are serialized by a lock.
     """
@@ -145,16 +157,75 @@ class Window:
         self._mpitype = from_numpy_dtype(self._dtype)
         self._lock = threading.RLock()
         self._handle: Optional[_Handle] = None
+        self._pending: list[Any] = []
         unit = self._dtype.itemsize
-        check_one_sided(comm)  # collective; across nodes: refused on every rank unless exact
-        win = MPI.Win.Allocate(count * unit, unit, comm=comm)
+        layout = layout_for(comm)  # collective, once per communicator
+        self._layout: Layout = layout
+        check_one_sided(layout.group, whole=comm)  # collective; refused on every rank unless exact
+        win = MPI.Win.Allocate(count * unit, unit, comm=layout.group)
         win.Lock_all(MPI.MODE_NOCHECK)
-        self._handle = _register(win)
+        relay_key = -1
+        if layout.relay is not None:
+            relay_key = layout.relay.attach(win, self._mpitype, self._dtype)
+        self._handle = _register(win, comm, layout.relay, relay_key)
         if count:
             # MPI_Win_allocate leaves memory undefined: start every element at zero
-            win.Accumulate([np.zeros(count, self._dtype), self._mpitype], self._rank, op=MPI.REPLACE)
-            win.Flush(self._rank)
+            me = layout.local(self._rank)
+            win.Accumulate([np.zeros(count, self._dtype), self._mpitype], me, op=MPI.REPLACE)
+            win.Flush(me)
         comm.Barrier()
+
+    # ------------------------------------------------------------------ routed operations
+    # Each issues one operation on ``target``'s memory (a rank of ``comm``) at element
+    # ``offset``; :meth:`_complete` then waits until every issued one is complete there.
+
+    def _accumulate(self, target: int, offset: int, values: np.ndarray, op: int) -> None:
+        """Element-wise atomic ``SUM`` or ``REPLACE`` of ``values`` into ``target``'s memory."""
+        local = self._layout.local(target)
+        if local >= 0:
+            MPI = mpi()
+            self._win().Accumulate([values, self._mpitype], local, target=(offset, values.shape[0], self._mpitype),
+                                   op=MPI.SUM if op == SUM else MPI.REPLACE)
+        else:
+            self._pending += self._relay().post(target, self._handle.relay_key, op, offset, self._mpitype,
+                                                values=values)
+
+    def _read(self, target: int, offset: int, out: np.ndarray) -> None:
+        """Whole-element read (``Get_accumulate(NO_OP)``) of ``target``'s memory into ``out``."""
+        local = self._layout.local(target)
+        if local >= 0:
+            MPI = mpi()
+            self._win().Get_accumulate([None, 0, self._mpitype], [out, self._mpitype], local,
+                                       target=(offset, out.shape[0], self._mpitype), op=MPI.NO_OP)
+        else:
+            self._pending += self._relay().post(target, self._handle.relay_key, GET, offset, self._mpitype, out=out)
+
+    def _fetch_add(self, target: int, offset: int, value: np.ndarray, before: np.ndarray) -> None:
+        """Atomic ``Fetch_and_op(SUM)`` of one element: its old value into ``before``."""
+        local = self._layout.local(target)
+        if local >= 0:
+            MPI = mpi()
+            self._win().Fetch_and_op([value, self._mpitype], [before, self._mpitype], local, offset, op=MPI.SUM)
+        else:
+            self._pending += self._relay().post(target, self._handle.relay_key, FETCH_SUM, offset, self._mpitype,
+                                                values=value, out=before)
+
+    def _complete(self, target: Optional[int] = None) -> None:
+        """Block until every operation issued (on ``target``, or on any rank) is complete
+        at its target: ``Flush`` for MPI's, every answer for the relay's."""
+        win = self._win()
+        local = -1 if target is None else self._layout.local(target)
+        if local >= 0:
+            win.Flush(local)
+        elif target is None:
+            win.Flush_all()
+        pending, self._pending = self._pending, []
+        Relay.wait(pending)
+
+    def _relay(self) -> Relay:
+        self._win()
+        assert self._layout.relay is not None  # local() is -1 only where there is a relay
+        return self._layout.relay
 
     def _win(self) -> Any:
         handle = self._handle
@@ -251,16 +322,14 @@ class VectorPerRankWindow(Window):
         return self._n
 
     def _read_vector(self, rank: int, out: Optional[np.ndarray], what: str = "read") -> np.ndarray:
-        """``rank``'s whole vector into ``out`` (or a new array): ``Get_accumulate(NO_OP)``
-        then ``Flush``, so every element is a whole value even while others write to it.
+        """``rank``'s whole vector into ``out`` (or a new array): a whole-element read, then
+        its completion, so every element is a whole value even while others write to it.
         ``what`` names the calling method in errors."""
-        MPI = mpi()
         if not 0 <= rank < self._nranks:
             raise ValueError(f"{type(self).__name__}.read rank must be in [0, {self._nranks}); got {rank}")
         with self._lock:
-            win = self._win()
+            self._win()
             out = self._output(f"{what} out", out, self._n)
-            win.Get_accumulate([None, 0, self._mpitype], [out, self._mpitype], rank,
-                               target=(0, self._n, self._mpitype), op=MPI.NO_OP)
-            win.Flush(rank)
+            self._read(rank, 0, out)
+            self._complete(rank)
             return out

@@ -8,7 +8,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ...errors import UsageError
-from ._base import Window, mpi, resolve_comm
+from ._base import Window, resolve_comm
+from .relay import REPLACE
 
 __all__ = ["ClockWindow", "RETIRED", "CLOCK_HOME"]
 
@@ -58,19 +59,16 @@ class ClockWindow(Window):
         One-sided (atomic ``Fetch_and_op(SUM)`` on rank 0's memory, then ``Flush``); blocking
         until the new value is visible to every rank.
         """
-        MPI = mpi()
         with self._lock:
-            win = self._win()
+            self._win()
             if self._retired:
                 raise UsageError(
                     "ClockWindow.tick() was called after retire(): a retired clock no longer counts"
                 )
             one = np.ones(1, np.int64)
             before = np.zeros(1, np.int64)
-            win.Fetch_and_op(
-                [one, self._mpitype], [before, self._mpitype], CLOCK_HOME, self._rank, op=MPI.SUM
-            )
-            win.Flush(CLOCK_HOME)
+            self._fetch_add(CLOCK_HOME, self._rank, one, before)
+            self._complete(CLOCK_HOME)
             self._clock = int(before[0]) + 1
             return self._clock
 
@@ -81,15 +79,11 @@ class ClockWindow(Window):
         passive-target progress); blocking. Each clock is a whole value, at least as recent
         as the last tick its owner completed before this read began.
         """
-        MPI = mpi()
         with self._lock:
-            win = self._win()
+            self._win()
             out = np.empty(self._nranks, np.int64)
-            win.Get_accumulate(
-                [None, 0, self._mpitype], [out, self._mpitype], CLOCK_HOME,
-                target=(0, self._nranks, self._mpitype), op=MPI.NO_OP,
-            )
-            win.Flush(CLOCK_HOME)
+            self._read(CLOCK_HOME, 0, out)
+            self._complete(CLOCK_HOME)
             return out
 
     def retire(self) -> None:
@@ -99,15 +93,13 @@ class ClockWindow(Window):
         Idempotent. Call it when an agent stops stepping, before any collective that the
         other ranks may only reach after more steps.
         """
-        MPI = mpi()
         with self._lock:
-            win = self._win()
+            self._win()
             if self._retired:
                 return
             sentinel = np.full(1, RETIRED, np.int64)
-            target = (self._rank, 1, self._mpitype)
-            win.Accumulate([sentinel, self._mpitype], CLOCK_HOME, target=target, op=MPI.REPLACE)
-            win.Flush(CLOCK_HOME)
+            self._accumulate(CLOCK_HOME, self._rank, sentinel, REPLACE)
+            self._complete(CLOCK_HOME)
             self._retired = True
 
     def wait_until_within(self, staleness: int, *, timeout: Optional[float] = None) -> None:

@@ -13,7 +13,8 @@ from typing import Optional
 
 import numpy as np
 
-from ._base import VectorPerRankWindow, mpi
+from ._base import VectorPerRankWindow
+from .relay import SUM
 
 __all__ = ["InboxWindow"]
 
@@ -35,14 +36,13 @@ class InboxWindow(VectorPerRankWindow):
         One-sided: ``rank`` does not take part. ``MPI_Accumulate(SUM)``, then ``Flush``:
         blocking until the addition is complete at ``rank``. Concurrent deliveries from any
         ranks are never lost."""
-        MPI = mpi()
         if not 0 <= rank < self._nranks:
             raise ValueError(f"InboxWindow.deliver rank must be in [0, {self._nranks}); got {rank}")
         with self._lock:
-            win = self._win()
+            self._win()
             buf = self._checked("deliver values", values, self._n)
-            win.Accumulate([buf, self._mpitype], rank, target=(0, self._n, self._mpitype), op=MPI.SUM)
-            win.Flush(rank)
+            self._accumulate(rank, 0, buf, SUM)
+            self._complete(rank)
 
     def read(self, rank: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Read ``rank``'s inbox into ``out`` (or a new array) and return it; nothing changes.
@@ -58,13 +58,10 @@ class InboxWindow(VectorPerRankWindow):
         One-sided, on this rank's own memory: ``Get_accumulate(NO_OP)`` reads every element
         whole, then ``Accumulate(SUM)`` of its negation removes exactly what was read; a
         delivery in between stays in the inbox for the next take."""
-        MPI = mpi()
         with self._lock:  # re-entrant: held across the read and the subtraction
             out = self._read_vector(self._rank, out, "take")
-            win = self._win()
-            target = (0, self._n, self._mpitype)
-            win.Accumulate([np.negative(out), self._mpitype], self._rank, target=target, op=MPI.SUM)
-            win.Flush(self._rank)
+            self._accumulate(self._rank, 0, np.negative(out), SUM)
+            self._complete(self._rank)
             return out
 
     def __repr__(self) -> str:

@@ -6,7 +6,8 @@ from typing import Optional
 
 import numpy as np
 
-from ._base import VectorPerRankWindow, mpi
+from ._base import VectorPerRankWindow
+from .relay import REPLACE
 
 __all__ = ["PeerWindow"]
 
@@ -26,13 +27,11 @@ class PeerWindow(VectorPerRankWindow):
         One-sided and local to this rank's window (``Accumulate(REPLACE)`` on itself, then
         ``Flush``); blocking until the values are visible to every later :meth:`read`.
         """
-        MPI = mpi()
         with self._lock:
-            win = self._win()
+            self._win()
             buf = self._checked("publish values", values, self._n)
-            target = (0, self._n, self._mpitype)
-            win.Accumulate([buf, self._mpitype], self._rank, target=target, op=MPI.REPLACE)
-            win.Flush(self._rank)
+            self._accumulate(self._rank, 0, buf, REPLACE)
+            self._complete(self._rank)
 
     def read(self, rank: int, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Read ``rank``'s published vector into ``out`` (or a new array) and return it.

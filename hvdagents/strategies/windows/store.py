@@ -7,7 +7,8 @@ from typing import Any, Optional
 import numpy as np
 
 from ...data import shard_bounds
-from ._base import Window, agree, check_vector_args, mpi, resolve_comm
+from ._base import Window, agree, check_vector_args, resolve_comm
+from .relay import REPLACE, SUM
 
 __all__ = ["ParameterWindow"]
 
@@ -59,9 +60,8 @@ class ParameterWindow(Window):
         on each rank only once all shards hold the new values. Bad values on rank 0 raise
         the same ``ValueError`` on every rank.
         """
-        MPI = mpi()
         with self._lock:
-            win = self._win()
+            self._win()
             buf, problem = None, None
             if self._rank == 0:
                 try:
@@ -74,9 +74,8 @@ class ParameterWindow(Window):
             self._comm.Barrier()  # pushes issued before init are complete before they are overwritten
             if buf is not None:
                 for r, lo, hi in self._targets:
-                    target = (0, hi - lo, self._mpitype)
-                    win.Accumulate([buf[lo:hi], self._mpitype], r, target=target, op=MPI.REPLACE)
-                win.Flush_all()
+                    self._accumulate(r, 0, buf[lo:hi], REPLACE)
+                self._complete()
             self._comm.Barrier()
 
     def push(self, delta: np.ndarray) -> None:
@@ -86,13 +85,12 @@ class ParameterWindow(Window):
         shard, then ``Flush_all``: blocking until the add is complete at every target.
         Element-wise atomic; concurrent pushes from any ranks are never lost.
         """
-        MPI = mpi()
         with self._lock:
-            win = self._win()
+            self._win()
             buf = self._checked("push delta", delta, self._n)
             for r, lo, hi in self._targets:
-                win.Accumulate([buf[lo:hi], self._mpitype], r, target=(0, hi - lo, self._mpitype), op=MPI.SUM)
-            win.Flush_all()
+                self._accumulate(r, 0, buf[lo:hi], SUM)
+            self._complete()
 
     def pull(self, out: Optional[np.ndarray] = None) -> np.ndarray:
         """Read the stored vector into ``out`` (or a new array) and return it.
@@ -101,16 +99,12 @@ class ParameterWindow(Window):
         ``MPI_Get_accumulate(NO_OP)`` from every shard: each element is a whole value (never
         torn by a concurrent push) that includes every push completed before the pull began.
         """
-        MPI = mpi()
         with self._lock:
-            win = self._win()
+            self._win()
             out = self._output("pull out", out, self._n)
             for r, lo, hi in self._targets:
-                win.Get_accumulate(
-                    [None, 0, self._mpitype], [out[lo:hi], self._mpitype], r,
-                    target=(0, hi - lo, self._mpitype), op=MPI.NO_OP,
-                )
-            win.Flush_all()
+                self._read(r, 0, out[lo:hi])
+            self._complete()
             return out
 
     def __repr__(self) -> str:

@@ -37,11 +37,11 @@ __all__ = ["OneSidedVerdict", "spans_nodes", "probe", "check_one_sided", "PROBE_
 PROBE_ROUNDS, PROBE_ELEMENTS = 16, 4096
 
 FIXES = (
-    "Use an MPI whose one-sided operations work between nodes over your network (Open MPI >= 5 "
-    "or MPICH; on InfiniBand, Open MPI 4.1 with osc/ucx over UCX's RDMA transports), keep "
-    "asynchronous strategies inside one node (one job per node), or use the synchronous "
-    "strategies (Sync, LocalSGD), which need no one-sided operations. `python -m hvdagents "
-    "doctor` under your launcher checks this combination."
+    "Fixes: leave HVDAGENTS_WINDOWS at auto (MPI windows only inside each node, the relay "
+    "between nodes) or set it to relay (the relay between every pair of ranks); use an MPI whose "
+    "one-sided operations work over your network (on InfiniBand, Open MPI with osc/ucx over "
+    "UCX's RDMA transports); or use the synchronous strategies (Sync, LocalSGD), which need no "
+    "one-sided operations. `python -m hvdagents doctor` under your launcher checks this combination."
 )
 
 
@@ -168,12 +168,17 @@ def probe(comm: Any) -> OneSidedVerdict:
     return verdict
 
 
-def check_one_sided(comm: Any) -> None:
+def check_one_sided(comm: Any, *, whole: Any = None) -> None:
     """Collective: raise :class:`OneSidedUnavailableError` on every rank unless :func:`probe`
-    found the windows' operations exact between the ranks of ``comm``."""
+    found the windows' operations exact between the ranks of ``comm``.
+
+    ``whole``: a communicator that ``comm`` is one piece of (a node of it, say); the verdicts
+    of all pieces are then shared over ``whole``, so either every rank of it goes on or every
+    rank raises, naming the piece that failed."""
     verdict = probe(comm)
-    if not verdict.ok:
-        raise OneSidedUnavailableError(
-            f"one-sided windows are not safe in this job ({verdict.nodes} node(s)): "
-            f"{verdict.detail}. {FIXES}"
-        )
+    problem = None if verdict.ok else f"{verdict.detail} ({verdict.nodes} node(s))"
+    if whole is not None:
+        problems = [p for p in whole.allgather(problem) if p]
+        problem = problems[0] if problems else None
+    if problem is not None:
+        raise OneSidedUnavailableError(f"one-sided windows are not safe in this job: {problem}. {FIXES}")
