@@ -17,25 +17,33 @@ def per_rank(job, np_):
     return found
 
 
-@pytest.mark.parametrize("np_, n, dtype", [
-    (2, 1001, "float64"),
-    (4, 1001, "float64"),
-    (4, 3, "float64"),  # rank 3 holds an empty shard
-    (2, 1001, "float32"),
+#: ``HVDAGENTS_WINDOWS=relay``: every operation between ranks through the relay's service
+#: threads (on one host; across hosts see test_multihost_mpi.py), not MPI's windows.
+RELAY = {"HVDAGENTS_WINDOWS": "relay"}
+
+
+@pytest.mark.parametrize("np_, n, dtype, env", [
+    (2, 1001, "float64", None),
+    (4, 1001, "float64", None),
+    (4, 3, "float64", None),  # rank 3 holds an empty shard
+    (2, 1001, "float32", None),
+    (4, 1001, "float64", RELAY),
+    (4, 3, "float32", RELAY),
 ])
-def test_concurrent_pushes_are_never_lost(np_, n, dtype):
-    job = run_job("window_sum.py", np=np_, args=[str(n), dtype, str(PUSHES)], timeout=JOB_TIMEOUT)
+def test_concurrent_pushes_are_never_lost(np_, n, dtype, env):
+    job = run_job("window_sum.py", np=np_, args=[str(n), dtype, str(PUSHES)], timeout=JOB_TIMEOUT, env=env)
     found = per_rank(job, np_)
     for r in found:
         assert r["init_equal"], r
         assert r["equal"] and r["max_error"] == 0.0, r
         assert r["dtype"] == dtype
+        assert r["groups"] == (np_ if env else 1)  # the relay between every pair of ranks, or none
     assert [tuple(r["shard"]) for r in found] == [shard_bounds(n, rank, np_) for rank in range(np_)]
 
 
-@pytest.mark.parametrize("np_", [2, 4])
-def test_reads_racing_with_writes_see_whole_values(np_):
-    job = run_job("window_consistency.py", np=np_, args=["20000", "300"], timeout=JOB_TIMEOUT)
+@pytest.mark.parametrize("np_, env", [(2, None), (4, None), (4, RELAY)])
+def test_reads_racing_with_writes_see_whole_values(np_, env):
+    job = run_job("window_consistency.py", np=np_, args=["20000", "300"], timeout=JOB_TIMEOUT, env=env)
     found = per_rank(job, np_)
     for r in found:
         # ParameterWindow: every element a valid partial sum, own pushes all visible, nothing goes back
@@ -46,10 +54,10 @@ def test_reads_racing_with_writes_see_whole_values(np_):
         assert r["peer_final"], r
 
 
-@pytest.mark.parametrize("np_", [2, 4])
-def test_clock_window_bounds_staleness(np_):
+@pytest.mark.parametrize("np_, env", [(2, None), (4, None), (4, RELAY)])
+def test_clock_window_bounds_staleness(np_, env):
     staleness = 2
-    job = run_job("window_clock.py", np=np_, args=[str(staleness), "40"], timeout=JOB_TIMEOUT)
+    job = run_job("window_clock.py", np=np_, args=[str(staleness), "40"], timeout=JOB_TIMEOUT, env=env)
     found = per_rank(job, np_)
     root, others = found[0], found[1:]
     assert root["ticks"] == [1, 2, 3]
@@ -80,3 +88,14 @@ def test_windows_are_freed(np_):
     # the exit hook freed those 21 windows on every rank, and the job ended cleanly
     exits = sorted(job.results("EXIT"), key=lambda r: r["rank"])
     assert exits == [{"rank": rank, "live_at_end": 0} for rank in range(np_)], job.output
+
+
+@pytest.mark.parametrize("case", ["differ", "bad"])
+def test_a_windows_mode_that_is_bad_or_differs_is_refused_on_every_rank(case):
+    found = per_rank(run_job("window_modes.py", np=2, args=[case], timeout=JOB_TIMEOUT), 2)
+    for r in found:
+        if case == "differ":
+            assert r["error"] == "HVDAGENTS_WINDOWS must be the same on every rank; got rank 0: auto, rank 1: relay"
+        else:
+            assert r["error"].startswith("HVDAGENTS_WINDOWS must be one of auto, mpi, relay; got 'fastest'"), r
+            assert r["error"].endswith("(on rank 0)") == (r["rank"] == 1)

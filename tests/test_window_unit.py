@@ -158,3 +158,13 @@ def test_public_name():
     import hvdagents as hva
 
     assert hva.ParameterWindow is ParameterWindow
+
+
+def test_windows_mode_is_read_from_the_environment_and_checked():
+    from hvdagents.strategies.windows.relay import window_mode
+
+    assert window_mode({}) == "auto"
+    assert window_mode({"HVDAGENTS_WINDOWS": " Relay "}) == "relay"
+    assert window_mode({"HVDAGENTS_WINDOWS": ""}) == "auto"
+    with pytest.raises(ValueError, match="HVDAGENTS_WINDOWS must be one of auto, mpi, relay; got 'rdma'"):
+        window_mode({"HVDAGENTS_WINDOWS": "rdma"})

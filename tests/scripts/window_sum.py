@@ -40,5 +40,6 @@ emit({
     "max_error": float(np.max(np.abs(final.astype(np.float64) - expected))),
     "shard": list(store.shard_bounds(ctx.rank)),
     "dtype": str(final.dtype),
+    "groups": store._layout.groups,  # ranks sharing MPI windows: 1 group on one host, np with the relay
 })
 store.close()

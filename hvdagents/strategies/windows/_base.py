@@ -52,10 +52,10 @@ class _Handle:
             _live.pop(self.key, None)
         if win is None or mpi().Is_finalized():
             return
-        win.Unlock_all()
-        if self.relay is not None:
+        if self.relay is not None:  # before the epoch ends: the service thread may still use it
             self.comm.Barrier()
             self.relay.release(self.relay_key)
+        win.Unlock_all()
         win.Free()
 
 

@@ -1,0 +1,63 @@
+"""A rank slowed x2 by compute: two phases of ``budget`` seconds each in one job, balanced,
+then with the last rank doing every step's forward and backward twice (the second on a
+twin of the model, outside the agent: twice the compute, no sleep). Each rank trains a
+fresh agent per phase and stops on its own clock (Sync: all stop together). Rank 0 prints
+the steps per rank in each phase.
+"""
+
+import copy
+import sys
+import time
+
+import numpy as np
+import torch
+from _report import emit
+
+import hvdagents as hva
+
+strategy_name, budget = sys.argv[1], float(sys.argv[2])
+ctx = hva.init()
+torch.set_num_threads(1)
+BATCH = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
+
+
+def strategy():
+    return {"sync": hva.Sync(), "downpour": hva.Downpour(period=1), "easgd": hva.EASGD(alpha=0.3, period=1),
+            "gossip": hva.Gossip(period=1)}[strategy_name]
+
+
+def phase(slowed: bool) -> tuple[int, bytes]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    chosen = strategy()
+    agent = hva.TorchAgent(model, optimizer, strategy=chosen)
+    x, y = torch.randn(BATCH, 64), torch.randint(0, 10, (BATCH,))
+    twin = copy.deepcopy(model) if slowed and ctx.rank == ctx.size - 1 else None
+    ctx.comm.Barrier()
+    start, steps = time.monotonic(), 0
+    while True:
+        done = time.monotonic() - start > budget
+        if chosen.synchronous:
+            done = ctx.comm.allreduce(done, op=__import__("mpi4py").MPI.LOR)
+        if done:
+            break
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if twin is not None:
+            torch.nn.functional.cross_entropy(twin(x), y).backward()
+        agent.step()
+        steps += 1
+    agent.close()
+    return steps, agent.flat_parameters().tobytes()
+
+
+balanced, _ = phase(False)
+slowed, params = phase(True)
+counts = ctx.comm.gather((balanced, slowed), root=0)
+finals = ctx.comm.gather(params, root=0)
+if ctx.is_root:
+    emit({"strategy": strategy_name, "balanced": [c[0] for c in counts], "straggler": [c[1] for c in counts],
+          "identical": len(set(finals)) == 1,
+          "finite": bool(np.all(np.isfinite(np.frombuffer(finals[0], np.float32))))})
