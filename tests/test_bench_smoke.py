@@ -135,6 +135,9 @@ def test_quick_run_measures_what_it_compares(quick_out):
     crosshost = json.loads((quick_out / "crosshost.json").read_text())
     if "skipped" not in crosshost:  # root with iproute2: the job really spanned two hosts
         assert crosshost["allreduce"]["ranks"] == 2 and crosshost["one_sided"]["nodes"] == 2
+        store = crosshost["store"]
+        assert store["exact"] and all(r["through_relay"] for r in store["runs"])
+        assert store["push_gbs"]["median"] > 0 and store["two_sided_gbs"]["median"] > 0
     scaling = json.loads((quick_out / "scaling.json").read_text())
     assert scaling["alpha"]["source"].startswith("fitted"), "scaling must use the all-reduce fit of the same run"
 
