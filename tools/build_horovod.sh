@@ -9,11 +9,12 @@
 # package in the venv (nvidia-nccl-cu12/cu13). Missing either is an error naming what to set.
 #
 # Horovod 0.28.1 (June 2023) is the newest release; its sdist does not build against current
-# frameworks as-is. The two fixes below are the whole difference from upstream:
+# frameworks as-is. The fixes below are the whole difference from upstream:
 #   1. C++14 -> C++17 in CMakeLists.txt and horovod/torch/CMakeLists.txt
 #      (torch >= 2.1 headers need C++17; fixed upstream after the release, never released).
 #   2. Drop xla_mpi_ops.cc from horovod/tensorflow/CMakeLists.txt
 #      (TF 2.21's XLA headers include files the wheel does not ship; the XLA ops are optional).
+#   3. CUDA kernels in C++17 instead of C++11 (nvcc 13 refuses C++11; unused without CUDA).
 set -euo pipefail
 PY=${PY:-python3}
 HOROVOD_VERSION=0.28.1
@@ -67,8 +68,18 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
         echo "[build_horovod] patch 2 did not apply" >&2; exit 1
     fi
 
+    # Fix 3 (CUDA builds only): nvcc >= 13 rejects the kernels' C++11; C++17 as for the rest.
+    sed -i 's/set(CMAKE_CUDA_STANDARD 11)/set(CMAKE_CUDA_STANDARD 17)/' "$src/horovod/common/ops/cuda/CMakeLists.txt"
+    grep -q 'CMAKE_CUDA_STANDARD 17' "$src/horovod/common/ops/cuda/CMakeLists.txt"
+
+    # The frameworks this venv has: both for set-up's venvs; torch alone for the GPU proof
+    # (tools/build_gpu_wheel.sh), whose venv has no TensorFlow.
+    frameworks=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1)
+    if ! "$PY" -c 'import tensorflow' >/dev/null 2>&1; then
+        frameworks=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1)
+    fi
     tmp_out=$work/wheel
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+    env "${frameworks[@]}" HOROVOD_WITHOUT_MXNET=1 \
     HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
     MAKEFLAGS="-j$(nproc)" \
         "$PY" -m pip wheel -q --no-build-isolation --no-deps "$src" -w "$tmp_out"
