@@ -1,4 +1,5 @@
-"""A real one-node SLURM (munged + slurmctld + slurmd) under a temporary directory, for tests.
+"""A real SLURM (munged + slurmctld + slurmd) under a temporary directory, for tests: one node
+on this machine, or one node per simulated host (``hosts=``, :mod:`hvdagents.testing`).
 
 Everything lives under one directory: the munge key and socket, ``slurm.conf`` (with two
 GPUs declared as plain counted resources, so GPU templates can be submitted on a CPU box),
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mpirun import JOB_ENV, REPO, JobResult, run_in_env  # noqa: E402
@@ -100,9 +101,26 @@ class SlurmCluster:
     settings of :mod:`mpirun` and ``SLURM_CONF`` pointing at this cluster.
     """
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, hosts: Any = None) -> None:
         self.root = Path(root)
         self.node = socket.gethostname().split(".")[0]
+        # (name, address) per node; the controller and every client command run on the first
+        if hosts is None:
+            self.nodes = [(self.node, "127.0.0.1")]
+            self._enter: Callable[[int], list[str]] = lambda index: []
+        else:  # one slurmd per simulated host, inside its network namespace, under its hostname
+            self.nodes = list(zip(hosts.names, hosts.addresses))
+            self.node = hosts.names[0]
+            # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup file
+            # systems slurmd needs. Each node gets its own hostname and its own /tmp (as real
+            # nodes have: the two slurmstepds' PMIx directories would clash in one), so the
+            # cluster's root must not be under /tmp.
+            if str(self.root.resolve()).startswith("/tmp/"):
+                raise ValueError(f"a multi-node SLURM root must not be under /tmp; got {self.root}")
+            self._enter = lambda index: [
+                "nsenter", f"--net=/run/netns/{hosts.namespaces[index]}",
+                "unshare", "--uts", "--mount", "--propagation", "private",
+                "sh", "-c", 'mount -t tmpfs tmpfs /tmp && hostname "$0" && exec "$@"', hosts.names[index]]
         self.conf = self.root / "etc" / "slurm.conf"
         self.logs = self.root / "log"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -128,11 +146,12 @@ class SlurmCluster:
         try:
             self._write_config()
             self._start_munge()
-            self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
+            self._spawn("slurmctld", [*self._enter(0), "slurmctld", "-D", "-i", "-f", str(self.conf)])
             self._wait(lambda: "UP" in self.run(["scontrol", "ping"], check=False).stdout,
                        timeout, "slurmctld to answer 'scontrol ping'")
-            self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf), "-N", self.node])
-            self._wait(self._node_idle, timeout, f"node {self.node} to become idle")
+            for index, (name, _) in enumerate(self.nodes):
+                self._spawn(f"slurmd-{name}", [*self._enter(index), "slurmd", "-D", "-f", str(self.conf), "-N", name])
+            self._wait(self._node_idle, timeout, f"node(s) {', '.join(n for n, _ in self.nodes)} to become idle")
         except BaseException:
             self.stop()
             raise
@@ -146,7 +165,7 @@ class SlurmCluster:
                 ["squeue", "-h", "-o", "%i"], check=False
             ).stdout.strip():
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*(f"slurmd-{n}" for n, _ in self.nodes), "slurmctld", "munged"]:
             proc = self._procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -161,7 +180,7 @@ class SlurmCluster:
         """The daemons' log tails, for error messages."""
         return "\n".join(
             f"--- {name} ---\n{_tail(self.logs / f'{name}.log')}"
-            for name in ("munged", "slurmctld", "slurmd")
+            for name in ("munged", "slurmctld", *(f"slurmd-{n}" for n, _ in self.nodes))
         )
 
     # ---- client commands ----------------------------------------------------------------
@@ -178,7 +197,7 @@ class SlurmCluster:
         full_env = dict(self.env)
         if env:
             full_env.update(env)
-        result = run_in_env(command, full_env, timeout=timeout, cwd=cwd)
+        result = run_in_env([*self._enter(0), *command], full_env, timeout=timeout, cwd=cwd)
         return result.check() if check else result
 
     def sbatch(self, script: str | os.PathLike, *options: str, env: Mapping[str, str] | None = None) -> int:
@@ -225,13 +244,13 @@ class SlurmCluster:
 
     # ---- internals ------------------------------------------------------------------------
     def _write_config(self) -> None:
-        for sub in ("etc", "log", "state", "spool", "munge"):
+        for sub in ("etc", "log", "state", "munge", *(f"spool/{name}" for name, _ in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        node = self.node
+        (control, control_address) = self.nodes[0]
         self.conf.write_text(
             "\n".join([
                 "ClusterName=hvatest",
-                f"SlurmctldHost={node}(127.0.0.1)",
+                f"SlurmctldHost={control}({control_address})",
                 f"SlurmctldPort={_free_port()}",
                 f"SlurmdPort={_free_port()}",
                 "SlurmUser=root",
@@ -240,11 +259,11 @@ class SlurmCluster:
                 "CredType=cred/munge",
                 f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
                 f"StateSaveLocation={self.root / 'state'}",
-                f"SlurmdSpoolDir={self.root / 'spool'}",
+                f"SlurmdSpoolDir={self.root / 'spool' / '%n'}",
                 f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-                f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+                f"SlurmdPidFile={self.root / 'slurmd-%n.pid'}",
                 f"SlurmctldLogFile={self.logs / 'slurmctld.log'}",
-                f"SlurmdLogFile={self.logs / 'slurmd.log'}",
+                f"SlurmdLogFile={self.logs / 'slurmd-%n.log'}",
                 "ProctrackType=proctrack/linuxproc",
                 "TaskPlugin=task/none",
                 "SelectType=select/cons_tres",
@@ -261,7 +280,8 @@ class SlurmCluster:
                 "JobCompType=jobcomp/none",
                 "JobAcctGatherType=jobacct_gather/none",
                 "GresTypes=gpu",
-                f"NodeName={node} NodeAddr=127.0.0.1 CPUs={NODE_CPUS} Gres=gpu:{NODE_GPUS} State=UNKNOWN",
+                *(f"NodeName={name} NodeAddr={address} CPUs={NODE_CPUS} Gres=gpu:{NODE_GPUS} State=UNKNOWN"
+                  for name, address in self.nodes),
                 "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
                 "",
             ])
@@ -278,10 +298,9 @@ class SlurmCluster:
                 os.mknod(path, stat.S_IFCHR | 0o666, null)
             except OSError as exc:
                 raise SlurmUnavailable(f"cannot make the stand-in GPU device {path}: {exc}") from exc
-        (self.conf.parent / "gres.conf").write_text(
-            f"AutoDetect=off\nNodeName={node} Name=gpu File={devices}/gpu[0-{NODE_GPUS - 1}]"
-            " Flags=nvidia_gpu_env\n"
-        )
+        (self.conf.parent / "gres.conf").write_text("AutoDetect=off\n" + "".join(
+            f"NodeName={name} Name=gpu File={devices}/gpu[0-{NODE_GPUS - 1}] Flags=nvidia_gpu_env\n"
+            for name, _ in self.nodes))
 
     def _start_munge(self) -> None:
         key = self.root / "munge" / "munge.key"
@@ -303,12 +322,14 @@ class SlurmCluster:
         out.close()
 
     def _node_idle(self) -> bool:
-        state = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip()
-        if "idle" in state or "mixed" in state or "allocated" in state:
-            return True
-        if state.startswith(("down", "drain", "unknown")) or not state:
-            self.run(["scontrol", "update", f"nodename={self.node}", "state=resume"], check=False)
-        return False
+        """Every node up (idle, mixed or allocated); nodes still down are resumed."""
+        lines = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False).stdout.split("\n")
+        states = dict(line.split()[:2] for line in lines if len(line.split()) >= 2)
+        up = ("idle", "mixed", "allocated")
+        for name, _ in self.nodes:
+            if not states.get(name, "").startswith(up):
+                self.run(["scontrol", "update", f"nodename={name}", "state=resume"], check=False)
+        return len(states) == len(self.nodes) and all(states.get(n, "").startswith(up) for n, _ in self.nodes)
 
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout

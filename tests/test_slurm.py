@@ -1,4 +1,5 @@
-"""The slurm/ templates and srun launches, against a real one-node SLURM (tests/slurm_cluster.py).
+"""The slurm/ templates and srun launches, against a real one-node SLURM (tests/slurm_cluster.py;
+the ``slurm`` fixture in conftest.py).
 
 The cluster comes up once per session (about a second once installed; tools/setup_slurm.sh
 installs it where we are root on Debian). It is skipped, with the reason, only where SLURM
@@ -9,18 +10,16 @@ Every job is bounded: a job that does not finish in time is cancelled and its te
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from mpirun import REPO, SCRIPTS
-from slurm_cluster import SlurmCluster, SlurmUnavailable, install_slurm
+from slurm_cluster import SlurmCluster
 
 TEMPLATES = REPO / "slurm"
 HELLO = SCRIPTS / "slurm_hello.py"
@@ -30,29 +29,6 @@ CKPT_LOOP = SCRIPTS / "slurm_ckpt_loop.py"
 JOB_TIMEOUT = 120
 #: sbatch options that shrink every template to this 2-core, 2-stand-in-GPU node.
 SMALL = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=2", "--cpus-per-task=1", "--time=10"]
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    """A running one-node SLURM for the whole session; cancelled jobs and stopped at the end."""
-    if os.geteuid() != 0:
-        pytest.skip("the test SLURM runs slurmctld/slurmd as root (SlurmUser=root) and makes "
-                    "stand-in GPU device nodes: run the SLURM tests as root")
-    try:
-        installed, why = install_slurm()
-    except SlurmUnavailable as exc:
-        pytest.fail(f"installing SLURM failed: {exc}")
-    if not installed:
-        pytest.skip(f"SLURM is not installed and cannot be installed here: {why}")
-    root = Path(tempfile.mkdtemp(prefix="hva-slurm-"))
-    cluster = SlurmCluster(root)
-    try:
-        cluster.start()
-    except SlurmUnavailable as exc:
-        pytest.fail(f"SLURM did not come up (files kept in {root}): {exc}")
-    yield cluster
-    cluster.stop()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 #: Open MPI's --tag-output prefix (horovodrun turns it on): "[1,0]<stdout>:".
