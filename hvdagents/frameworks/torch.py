@@ -21,6 +21,7 @@ from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..collectives import bcast_array, bcast_tree
 from ..strategies.config import Strategy
 from .torch_grads import GradientAllreducer, wire_tensor
+from .torch_staging import PinnedStaging, needs_staging
 
 __all__ = ["TorchAgent"]
 
@@ -92,6 +93,7 @@ class TorchAgent(Agent):
         self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self._params = [p for _, p in self._named]
         self._dtype = host_dtype(p.dtype for p in self._params)
+        self._staging: PinnedStaging | None = None  # made when parameters are on a GPU
         check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
         self._broadcast_state()
         self._gradients: GradientAllreducer | None = None
@@ -125,11 +127,22 @@ class TorchAgent(Agent):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self._params)
 
+    def _staged(self) -> PinnedStaging | None:
+        """The pinned staging buffer when any parameter is on a CUDA device, else ``None``."""
+        if not needs_staging(self._params):
+            return None
+        if self._staging is None:
+            self._staging = PinnedStaging(getattr(torch, self._dtype.name))
+        return self._staging
+
     def get_flat(self) -> np.ndarray:
         """A host copy of the trainable parameters in :attr:`dtype` (bfloat16 and float16
-        widened exactly)."""
+        widened exactly); CUDA parameters travel through a pinned staging buffer."""
         if not self._params:
             return np.zeros(0, self._dtype)
+        staging = self._staged()
+        if staging is not None:
+            return staging.gather(self._params)
         wide = getattr(torch, self._dtype.name)
         with torch.no_grad():
             flat = torch.cat([p.detach().reshape(-1).to(device="cpu", dtype=wide) for p in self._params])
@@ -139,6 +152,10 @@ class TorchAgent(Agent):
         values = np.asarray(values)
         if values.shape != (self.num_parameters,):
             raise ValueError(f"expected {self.num_parameters} values; got shape {values.shape}")
+        staging = self._staged()
+        if staging is not None:
+            staging.scatter(np.asarray(values, dtype=self._dtype), self._params)
+            return
         source = torch.from_numpy(np.ascontiguousarray(values, dtype=self._dtype))
         offset = 0
         with torch.no_grad():
