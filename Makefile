@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 export OMP_NUM_THREADS := 1
 LAUNCH := $(PY) -m hvdagents launch -np $(NP) --oversubscribe
 
-.PHONY: setup slurm-setup demo test lint bench clean
+.PHONY: setup slurm-setup demo test lint bench gpu-wheel clean
 
 setup:
 	tools/setup.sh
@@ -29,6 +29,11 @@ lint: setup
 
 bench: setup
 	$(PY) -m bench
+
+# Horovod with NCCL, built here from PyPI's CUDA packages into .venv-gpu (no GPU needed to
+# compile; ~3 GB, ~10 min; not part of CI). On a GPU cluster, `make setup` does the GPU build.
+gpu-wheel:
+	tools/build_gpu_wheel.sh
 
 clean:
 	rm -rf build *.egg-info .pytest_cache
