@@ -43,6 +43,10 @@ PYEOF
              "lib/libnccl.so), or install the framework's NCCL package (nvidia-nccl-cu12) into the venv" >&2
         exit 1
     fi
+    # The pip NCCL ships only libnccl.so.2; Horovod's CMake links by the unversioned name.
+    if [ ! -e "$NCCL_HOME/lib/libnccl.so" ] && [ -e "$NCCL_HOME/lib/libnccl.so.2" ] && [ -w "$NCCL_HOME/lib" ]; then
+        ln -s libnccl.so.2 "$NCCL_HOME/lib/libnccl.so"
+    fi
     export HOROVOD_NCCL_HOME=$NCCL_HOME HOROVOD_CUDA_HOME=$CUDA_HOME
 fi
 key=$(python3 "$TOOLS/setup_plan.py" cache-key "$PY")
