@@ -62,6 +62,20 @@ def _idle_barrier(comm) -> None:
         time.sleep(1e-3)
 
 
+def _round_trip(comm, me: int, there: np.ndarray, back: np.ndarray) -> float:
+    """Barrier, then rank 0 sends ``there`` and receives ``back`` (rank 1 the other way
+    round); rank 0's seconds (two-sided ``Send``/``Recv``)."""
+    comm.Barrier()
+    start = time.perf_counter()
+    if me == 0:
+        comm.Send(there, 1)
+        comm.Recv(back, 1)
+    else:
+        comm.Recv(there, 0)
+        comm.Send(back, 0)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mib", type=int, default=16, help="message size of the bandwidth runs")
@@ -73,37 +87,18 @@ def main() -> None:
     comm = ctx.comm
     if comm.Get_size() != 2:
         raise SystemExit("cross_node_store runs on exactly 2 ranks")
-    me, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    me = comm.Get_rank()
     out: dict = {"mib": args.mib, "reps": args.reps, "busy_s": args.busy_s}
 
     work_before = min(_fixed_work(args.work_rounds) for _ in range(3)) if me == 1 else 0.0
 
     ping = np.ones(PING_BYTES // 4, np.float32)
-    times = []
-    for _ in range(args.reps + 1):
-        comm.Barrier()
-        start = time.perf_counter()
-        if me == 0:
-            comm.Send(ping, peer)
-            comm.Recv(ping, peer)
-        else:
-            comm.Recv(ping, peer)
-            comm.Send(ping, peer)
-        times.append(time.perf_counter() - start)
+    times = [_round_trip(comm, me, ping, ping) for _ in range(args.reps + 1)]
     out["pingpong_4mb_s"] = statistics.median(times[1:])
 
     big = np.ones((args.mib << 20) // 4, np.float32)
-    rates = []
-    for _ in range(args.reps + 1):
-        comm.Barrier()
-        start = time.perf_counter()
-        if me == 0:
-            comm.Send(big, peer)
-            comm.Recv(np.empty(1, np.int8), peer)  # the receiver has it all
-        else:
-            comm.Recv(big, peer)
-            comm.Send(np.zeros(1, np.int8), peer)
-        rates.append(big.nbytes / (time.perf_counter() - start))
+    ack = np.zeros(1, np.int8)  # the receiver has it all
+    rates = [big.nbytes / _round_trip(comm, me, big, ack) for _ in range(args.reps + 1)]
     out["two_sided_gbs"] = statistics.median(rates[1:]) / 1e9
 
     pushed = 0
