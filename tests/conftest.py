@@ -34,8 +34,7 @@ def _running_slurm(hosts=None):
         pytest.fail(f"installing SLURM failed: {exc}")
     if not installed:
         pytest.skip(f"SLURM is not installed and cannot be installed here: {why}")
-    # one node per simulated host: each gets its own /tmp, so the cluster lives elsewhere
-    root = Path(tempfile.mkdtemp(prefix="hva-slurm-", dir=None if hosts is None else "/var/tmp"))
+    root = Path(tempfile.mkdtemp(prefix="hva-slurm-"))
     cluster = SlurmCluster(root, hosts=hosts)
     try:
         cluster.start()

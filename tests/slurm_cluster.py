@@ -112,15 +112,11 @@ class SlurmCluster:
             self.nodes = list(zip(hosts.names, hosts.addresses))
             self.node = hosts.names[0]
             # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup file
-            # systems slurmd needs. Each node gets its own hostname and its own /tmp (as real
-            # nodes have: the two slurmstepds' PMIx directories would clash in one), so the
-            # cluster's root must not be under /tmp.
-            if str(self.root.resolve()).startswith("/tmp/"):
-                raise ValueError(f"a multi-node SLURM root must not be under /tmp; got {self.root}")
+            # systems slurmd needs. Node-local directories are per node by name (%n in the
+            # configuration): the two slurmstepds' PMIx directories clashed in one /tmp.
             self._enter = lambda index: [
-                "nsenter", f"--net=/run/netns/{hosts.namespaces[index]}",
-                "unshare", "--uts", "--mount", "--propagation", "private",
-                "sh", "-c", 'mount -t tmpfs tmpfs /tmp && hostname "$0" && exec "$@"', hosts.names[index]]
+                "nsenter", f"--net=/run/netns/{hosts.namespaces[index]}", "unshare", "--uts",
+                "sh", "-c", 'hostname "$0"; exec "$@"', hosts.names[index]]
         self.conf = self.root / "etc" / "slurm.conf"
         self.logs = self.root / "log"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -244,7 +240,8 @@ class SlurmCluster:
 
     # ---- internals ------------------------------------------------------------------------
     def _write_config(self) -> None:
-        for sub in ("etc", "log", "state", "munge", *(f"spool/{name}" for name, _ in self.nodes)):
+        for sub in ("etc", "log", "state", "munge", *(f"{kind}/{name}" for name, _ in self.nodes
+                                                      for kind in ("spool", "tmp"))):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (control, control_address) = self.nodes[0]
         self.conf.write_text(
@@ -260,6 +257,7 @@ class SlurmCluster:
                 f"AuthInfo=socket={self.root / 'munge' / 'munge.socket'}",
                 f"StateSaveLocation={self.root / 'state'}",
                 f"SlurmdSpoolDir={self.root / 'spool' / '%n'}",
+                f"TmpFS={self.root / 'tmp' / '%n'}",  # PMIx's client directories, per node
                 f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
                 f"SlurmdPidFile={self.root / 'slurmd-%n.pid'}",
                 f"SlurmctldLogFile={self.logs / 'slurmctld.log'}",
