@@ -80,15 +80,15 @@ def _windows_probe(comm) -> tuple[bool, str]:
 
     from .strategies.windows import ClockWindow, ParameterWindow
     from .strategies.windows.relay import layout_for
-    from .strategies.windows.transport import probe
+    from .strategies.windows.transport import probe, shared_problem
 
     layout = layout_for(comm)
-    verdict = probe(layout.group)
-    ok = bool(comm.allreduce(int(verdict.ok), op=_min_op()))  # a group's verdict is its own
+    problem = shared_problem(layout.group, whole=comm)  # a failing group, the same on every rank
     where = {"mpi": "MPI windows across all ranks", "relay": "the relay between every pair of ranks",
              "auto": "MPI windows inside each node"}[layout.mode]
-    if not ok or layout.relay is None:
-        return ok, f"{where}: {verdict.detail}"
+    detail = probe(layout.group).detail  # this rank's group (cached)
+    if problem is not None or layout.relay is None:
+        return problem is None, f"{where}: {problem or detail}"
     size = comm.Get_size()
     with ParameterWindow(RELAY_PROBE_ELEMENTS * size, np.float64, comm=comm) as store, \
             ClockWindow(comm=comm) as clock:
@@ -102,15 +102,9 @@ def _windows_probe(comm) -> tuple[bool, str]:
     wrong = comm.allreduce(wrong)
     relay = f"relay between {layout.groups} {'node' if layout.mode == 'auto' else 'rank'}s"
     if wrong:
-        return False, f"{where} ok, but the {relay} lost or corrupted {wrong} element(s) ({verdict.detail})"
-    return True, (f"{where} ({verdict.detail}); {relay}: {RELAY_PROBE_PUSHES} pushes and ticks per rank "
+        return False, f"{where} ok, but the {relay} lost or corrupted {wrong} element(s) ({detail})"
+    return True, (f"{where} ({detail}); {relay}: {RELAY_PROBE_PUSHES} pushes and ticks per rank "
                   "through it, none lost")
-
-
-def _min_op():
-    from mpi4py import MPI
-
-    return MPI.MIN
 
 
 def _osc() -> list[Check]:

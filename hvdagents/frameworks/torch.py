@@ -154,7 +154,7 @@ class TorchAgent(Agent):
             raise ValueError(f"expected {self.num_parameters} values; got shape {values.shape}")
         staging = self._staged()
         if staging is not None:
-            staging.scatter(np.asarray(values, dtype=self._dtype), self._params)
+            staging.scatter(values, self._params)  # cast into the buffer's dtype there
             return
         source = torch.from_numpy(np.ascontiguousarray(values, dtype=self._dtype))
         offset = 0

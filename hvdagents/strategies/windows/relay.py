@@ -97,8 +97,8 @@ class Relay:
         self._keys = itertools.count()
         tag_ub = comm.Get_attr(_mpi().TAG_UB) or 32767
         self._id_range = min(int(tag_ub), 1 << 24) - 1
+        # the windows served, by key; the service thread runs while there is one
         self._windows: dict[int, tuple[Any, Any, np.dtype]] = {}
-        self._users = 0
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._switch_interval = sys.getswitchinterval()
@@ -116,7 +116,6 @@ class Relay:
         with self._lock:
             key = next(self._keys)
             self._windows[key] = (win, mpitype, np.dtype(dtype))
-            self._users += 1
             if self._thread is None:
                 self._switch_interval = sys.getswitchinterval()
                 sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
@@ -131,8 +130,7 @@ class Relay:
         with self._lock:
             if self._windows.pop(key, None) is None:
                 return
-            self._users -= 1
-            thread = self._thread if self._users == 0 else None
+            thread = None if self._windows else self._thread
             if thread is not None:
                 self._thread = None
                 self._stopping.set()

@@ -29,7 +29,8 @@ import numpy as np
 
 from ...errors import OneSidedUnavailableError
 
-__all__ = ["OneSidedVerdict", "spans_nodes", "probe", "check_one_sided", "PROBE_ROUNDS", "PROBE_ELEMENTS"]
+__all__ = ["OneSidedVerdict", "spans_nodes", "probe", "shared_problem", "check_one_sided",
+           "PROBE_ROUNDS", "PROBE_ELEMENTS"]
 
 #: Accumulates every rank sends to every rank in the probe, and their length. Kept short: over
 #: TCP without asynchronous progress (Open MPI 5.0.11 across two simulated hosts) each
@@ -168,17 +169,23 @@ def probe(comm: Any) -> OneSidedVerdict:
     return verdict
 
 
-def check_one_sided(comm: Any, *, whole: Any = None) -> None:
-    """Collective: raise :class:`OneSidedUnavailableError` on every rank unless :func:`probe`
-    found the windows' operations exact between the ranks of ``comm``.
+def shared_problem(comm: Any, *, whole: Any = None) -> Optional[str]:
+    """Collective: what :func:`probe` found wrong between the ranks of ``comm``, or ``None``.
 
     ``whole``: a communicator that ``comm`` is one piece of (a node of it, say); the verdicts
-    of all pieces are then shared over ``whole``, so either every rank of it goes on or every
-    rank raises, naming the piece that failed."""
+    of all pieces are then shared over ``whole``, and every rank of it gets the first piece's
+    problem (the same on every rank), or ``None`` when every piece is exact."""
     verdict = probe(comm)
     problem = None if verdict.ok else f"{verdict.detail} ({verdict.nodes} node(s))"
     if whole is not None:
         problems = [p for p in whole.allgather(problem) if p]
         problem = problems[0] if problems else None
+    return problem
+
+
+def check_one_sided(comm: Any, *, whole: Any = None) -> None:
+    """Collective: raise :class:`OneSidedUnavailableError` on every rank (of ``whole`` too,
+    when given) unless :func:`shared_problem` found nothing wrong."""
+    problem = shared_problem(comm, whole=whole)
     if problem is not None:
         raise OneSidedUnavailableError(f"one-sided windows are not safe in this job: {problem}. {FIXES}")
