@@ -96,9 +96,15 @@ def measure(quick: bool, hosts: Any = None) -> dict[str, Any]:
     fit_points = [s for s in sizes if s["bytes"] <= FIT_MAX_BYTES] or sizes[:2]
     fits = {k: fit_alpha_beta([s["bytes"] for s in fit_points], [s["seconds"][k]["median"] for s in fit_points],
                               ranks) for k in ("mpi", "hvd")}
+    lat = result["latency"]
+    latency = {"bytes": lat["bytes"], "ops": lat["ops"], "stall_factor": lat["stall_factor"],
+               "median_s": {k: spread(v) for k, v in lat["median_s"].items()},
+               "ratio_hvd_over_mpi": ratio_spread(lat["median_s"]["hvd"], lat["median_s"]["mpi"]),
+               "stalled_share": {k: spread(v) for k, v in lat["stalled_share"].items()},
+               "raw_median_s": lat["median_s"]}
     horovod_env = result.get("horovod_env") or {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")}
     return {"ranks": ranks, "quick": quick, "job_s": job.seconds, "sizes": sizes, "small_tensors": small,
-            "fit": fits, "horovod_env": horovod_env}
+            "latency": latency, "fit": fits, "horovod_env": horovod_env}
 
 
 def _size_label(nbytes: int) -> str:
@@ -114,6 +120,13 @@ def summary_rows(payload: dict[str, Any]) -> list[list[str]]:
                      "bus bandwidth GB/s (higher is better)", fmt_spread(bw["hvd"], scale=1e-9),
                      f"{fmt_spread(bw['mpi'], scale=1e-9)} mpi4py Allreduce",
                      fmt_spread(s["bandwidth_ratio_hvd_over_mpi"])])
+    lat = payload.get("latency")
+    if lat:  # results written before the latency part have none
+        rows.append([f"All-reduce latency, one {_size_label(lat['bytes'])} tensor, median of {lat['ops']} "
+                     "timed one by one", "µs (lower is better)", fmt_spread(lat["median_s"]["hvd"], scale=1e6),
+                     f"{fmt_spread(lat['median_s']['mpi'], scale=1e6)} mpi4py Allreduce",
+                     f"{fmt_spread(lat['ratio_hvd_over_mpi'])} (time; stalled: "
+                     f"{lat['stalled_share']['hvd']['median']:.0%} vs {lat['stalled_share']['mpi']['median']:.0%})"])
     small = payload["small_tensors"]
     rt = small["round_s"]
     rows.append([f"All-reduce, {small['count']} tensors of {_size_label(small['bytes_each'])} (grouped, fused)",
@@ -133,6 +146,14 @@ def markdown(payload: dict[str, Any]) -> str:
                      fmt_spread(bw["hvd"], scale=1e-9), fmt_spread(bw["mpi"], scale=1e-9),
                      fmt_spread(s["bandwidth_ratio_hvd_over_mpi"]), fmt_spread(sec["mpi_beside_hvd"], scale=1e6)])
     small = payload["small_tensors"]
+    lat = payload.get("latency")
+    latency_text = "" if not lat else (
+        f"\n\nLatency, {lat['ops']} all-reduces of {_size_label(lat['bytes'])} timed one by one (median per "
+        f"repetition): ours {fmt_spread(lat['median_s']['hvd'], scale=1e6)} µs, mpi4py "
+        f"{fmt_spread(lat['median_s']['mpi'], scale=1e6)} µs, ratio {fmt_spread(lat['ratio_hvd_over_mpi'])}; "
+        f"operations over {lat['stall_factor']}× the median (a thread that lost its core): ours "
+        f"{fmt_spread(lat['stalled_share']['hvd'])}, mpi4py {fmt_spread(lat['stalled_share']['mpi'])}. The "
+        "table's µs are means over many operations and include those stalls.")
     small_rows = [[SMALL_LABELS[k], fmt_spread(v, scale=1e3), fmt_spread(small["bus_bandwidth_Bps"][k], scale=1e-9),
                    fmt_spread(small["speedup_vs_mpi_each"][k])] for k, v in small["round_s"].items()]
     fm, fh = payload["fit"]["mpi"], payload["fit"]["hvd"]
@@ -145,6 +166,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "live Horovod, as the asynchronous strategies' RMA calls run inside an agent.\n\n"
         + md_table(["size", "ours µs", "mpi4py µs", "ours GB/s", "mpi4py GB/s", "ours / mpi4py (bandwidth)",
                     "mpi4py beside Horovod µs"], rows)
+        + latency_text
         + f"\n\n{small['count']} tensors of {_size_label(small['bytes_each'])} "
         f"({small['count'] * small['bytes_each'] / MIB:.2f} MiB in all), one round each:\n\n"
         + md_table(["path", "ms per round", "bus GB/s", "speed-up vs one Allreduce per tensor"], small_rows)

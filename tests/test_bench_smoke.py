@@ -20,7 +20,7 @@ NAMES = ["overhead", "allreduce", "cycle_time", "crosshost", "store", "straggler
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
     "overhead": ["ranks", "target_ratio", "models"],
-    "allreduce": ["ranks", "sizes", "small_tensors", "fit"],
+    "allreduce": ["ranks", "sizes", "small_tensors", "latency", "fit"],
     "store": ["n", "vector_bytes", "worlds"],
     "straggler": ["ranks", "target_loss", "summary", "runs"],
     "scaling": ["nodes", "links_gbit", "alpha", "seconds"],
@@ -120,6 +120,9 @@ def test_quick_run_measures_what_it_compares(quick_out):
     allreduce = json.loads((quick_out / "allreduce.json").read_text())
     assert {"hvd", "mpi", "mpi_beside_hvd"} <= set(allreduce["sizes"][0]["bus_bandwidth_Bps"])
     assert set(allreduce["small_tensors"]["round_s"]) == {"hvd_grouped", "hvd_async", "mpi_each", "mpi_packed"}
+    latency = allreduce["latency"]
+    assert latency["bytes"] == 4096 and latency["median_s"]["hvd"]["median"] > latency["median_s"]["mpi"]["median"] > 0
+    assert all(0 <= s["max"] <= 1 for s in latency["stalled_share"].values())
     store = json.loads((quick_out / "store.json").read_text())
     assert {"push", "pull", "push_pull", "memcpy", "server"} <= set(store["worlds"][0]["ops_per_s"])
     straggler = json.loads((quick_out / "straggler.json").read_text())

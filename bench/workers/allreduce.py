@@ -16,6 +16,12 @@ process on a machine with few cores. So the baseline runs with Horovod shut down
 repetition has a Horovod phase (``hvd.init``, our variants, and mpi4py beside Horovod for
 reference, then ``hvd.shutdown``) and an MPI phase, in alternating order.
 
+Part 3, latency: ``--latency-ops`` all-reduces of ``--latency-bytes``, each timed on its own
+(Horovod's ``allreduce_`` and mpi4py's ``Allreduce``); per repetition the median and the
+share of operations that took over ``STALL_FACTOR`` times that median. Part 1's time per
+operation is a mean and counts every such stall (a thread that lost its core for a scheduler
+slice); the median is the operation's own latency.
+
 Rank 0 prints seconds per operation (part 1) or per round (part 2) for every repetition.
 Sums of zeros, so repeated in-place reductions stay finite.
 """
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from typing import Callable
 
 import numpy as np
@@ -35,6 +42,8 @@ from bench.workers._util import emit, timed
 from hvdagents.runtime import horovod_binding
 
 FLOAT_BYTES = 4
+#: An operation this many times slower than the median is counted as stalled (part 3).
+STALL_FACTOR = 5
 #: Most and fewest repeats of an operation inside one timing.
 MAX_ITERS = 2000
 MIN_ITERS = 2
@@ -68,6 +77,20 @@ class _Timer:
 
         self.times.setdefault(key, []).append(timed(self.comm, body) / k)
 
+    def latency(self, key: str, op: Callable[[], None], ops: int) -> None:
+        """Time ``ops`` calls of ``op`` one by one (after a barrier); keep their median and the
+        share stalled (over ``STALL_FACTOR`` times the median). This rank's clock."""
+        op()
+        self.comm.Barrier()
+        seconds = np.empty(ops)
+        for i in range(ops):
+            start = time.perf_counter()
+            op()
+            seconds[i] = time.perf_counter() - start
+        median = float(np.median(seconds))
+        self.times.setdefault(f"latency/{key}", []).append(median)
+        self.times.setdefault(f"stalled/{key}", []).append(float(np.mean(seconds > STALL_FACTOR * median)))
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -77,6 +100,8 @@ def main() -> None:
     p.add_argument("--target-s", type=float, required=True, help="seconds per timing")
     p.add_argument("--small-count", type=int, default=200)
     p.add_argument("--small-bytes", type=int, default=16384)
+    p.add_argument("--latency-bytes", type=int, default=4096)
+    p.add_argument("--latency-ops", type=int, default=300)
     args = p.parse_args()
     torch.set_num_threads(1)
     ctx = hva.init()
@@ -89,6 +114,8 @@ def main() -> None:
     small_tensors = [torch.zeros(n_small) for _ in range(args.small_count)]
     small_arrays = [np.zeros(n_small, np.float32) for _ in range(args.small_count)]
     packed = np.zeros(n_small * args.small_count, np.float32)
+    latency_tensor = torch.zeros(args.latency_bytes // FLOAT_BYTES)
+    latency_array = np.zeros(args.latency_bytes // FLOAT_BYTES, np.float32)
 
     def hvd_async() -> None:
         handles = [hvd.allreduce_async_(t, op=hvd.Sum, name=f"bench.small.{i}") for i, t in enumerate(small_tensors)]
@@ -114,6 +141,8 @@ def main() -> None:
         timer.measure("small/hvd_grouped",
                       lambda: hvd.grouped_allreduce_(small_tensors, op=hvd.Sum, name="bench.small"))
         timer.measure("small/hvd_async", hvd_async)
+        timer.latency("hvd", lambda: hvd.allreduce_(latency_tensor, op=hvd.Sum, name="bench.latency"),
+                      args.latency_ops)
         hvd.shutdown()  # stop Horovod's background thread: the MPI phase runs without it
 
     def mpi_phase() -> None:
@@ -121,6 +150,7 @@ def main() -> None:
             timer.measure(f"mpi/{size}", lambda a=arrays[size]: comm.Allreduce(MPI.IN_PLACE, a))
         timer.measure("small/mpi_each", mpi_each)
         timer.measure("small/mpi_packed", mpi_packed)
+        timer.latency("mpi", lambda: comm.Allreduce(MPI.IN_PLACE, latency_array), args.latency_ops)
 
     hvd.shutdown()
     for rep in range(args.reps):
@@ -133,7 +163,10 @@ def main() -> None:
         small = {k.split("/", 1)[1]: v for k, v in timer.times.items() if k.startswith("small/")}
         emit({"ranks": ctx.size, "horovod_env": {k: v for k, v in os.environ.items() if k.startswith("HOROVOD_")},
               "single_s": single,
-              "small": {"count": args.small_count, "bytes": args.small_bytes, "round_s": small}})
+              "small": {"count": args.small_count, "bytes": args.small_bytes, "round_s": small},
+              "latency": {"bytes": args.latency_bytes, "ops": args.latency_ops, "stall_factor": STALL_FACTOR,
+                          "median_s": {v: timer.times[f"latency/{v}"] for v in ("hvd", "mpi")},
+                          "stalled_share": {v: timer.times[f"stalled/{v}"] for v in ("hvd", "mpi")}}})
 
 
 if __name__ == "__main__":
