@@ -100,6 +100,34 @@ def test_the_mpi_compiler_is_mpicc_or_crays_cc(tmp_path):
     assert plan.mpi_compiler({"PATH": path, "CRAY_MPICH_DIR": "/opt/cray/mpich"}) == "mpicc"
 
 
+def test_cuda_comes_from_cuda_home_then_the_nvcc_on_path_then_nowhere(tmp_path):
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    (toolkit / "bin" / "nvcc").chmod(0o755)
+    on_path = {"PATH": f"/usr/bin:{toolkit / 'bin'}"}
+    assert plan.cuda_home({"PATH": "/usr/bin:/bin"}) is None  # set-up then takes PyPI's packages
+    assert plan.cuda_home(on_path) == str(toolkit)  # module load cuda
+    assert plan.cuda_home({**on_path, "CUDA_HOME": "/opt/cuda-12.9"}) == "/opt/cuda-12.9"  # CUDA_HOME wins
+    assert plan._cuda_version(on_path) == "13.0" and plan._cuda_version({"PATH": "/usr/bin"}) is None
+    wrappers = tmp_path / "wrappers"  # /usr/local/bin/nvcc: `exec /usr/local/cuda-13.0/bin/nvcc "$@"`
+    wrappers.mkdir()
+    (wrappers / "nvcc").write_text(f'#!/bin/sh\nexec {toolkit / "bin" / "nvcc"} "$@"\n')
+    (wrappers / "nvcc").chmod(0o755)
+    (toolkit / "bin" / "nvcc").write_text(
+        f"#!/bin/sh\ncase \"$1\" in --dryrun) echo '#$ _HERE_={toolkit / 'bin'}' >&2;; "
+        "*) echo 'Cuda compilation tools, release 13.0, V13.0.88';; esac\n")
+    assert plan.cuda_home({"PATH": f"{wrappers}:/usr/bin"}) == str(toolkit)
+
+
+def test_the_nccl_version_is_the_one_in_the_header_the_build_compiles_against(tmp_path):
+    (tmp_path / "include").mkdir()
+    assert plan.nccl_version(str(tmp_path)) is None and plan.nccl_version(None) is None
+    (tmp_path / "include" / "nccl.h").write_text(
+        "#define NCCL_MAJOR 2\n#define NCCL_MINOR 32\n#define NCCL_PATCH 3\n#define NCCL_SUFFIX \"\"\n")
+    assert plan.nccl_version(str(tmp_path)) == "2.32.3"
+
+
 def _build_horovod(env_extra, tmp_path):
     import os
     import subprocess

@@ -13,8 +13,6 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${HVDAGENTS_GPU_VENV:-$ROOT/.venv-gpu}
 CONSTRAINTS=$ROOT/tools/constraints-gpu.txt
-#: CUDA 13.0, torch 2.13's own (nvidia-cuda-runtime 13.0.96 in the constraints).
-CUDA_PACKAGES=(nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85 nvidia-nvvm==13.0.88)
 #: GPU architectures compiled (Hopper and Ampere; Horovod's default is every one nvcc knows).
 export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-80,90}
 log() { echo "[gpu-wheel] $*" >&2; }
@@ -23,10 +21,12 @@ log() { echo "[gpu-wheel] $*" >&2; }
 PY=$VENV/bin/python
 # Not a local wheel folder from pip's configuration: one may hold torch's CPU build under the
 # same version (this machine's does).
-pip_install() { env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null "$PY" -m pip install -q "$@"; }
-log "installing torch (CUDA build) and the CUDA 13 compiler into $VENV"
+unset PIP_FIND_LINKS
+export PIP_CONFIG_FILE=/dev/null
+pip_install() { "$PY" -m pip install -q "$@"; }
+log "installing torch (CUDA build) into $VENV"
 pip_install -c "$CONSTRAINTS" --upgrade pip wheel setuptools
-pip_install -c "$CONSTRAINTS" torch numpy cloudpickle psutil pyyaml packaging cffi "${CUDA_PACKAGES[@]}"
+pip_install -c "$CONSTRAINTS" torch numpy cloudpickle psutil pyyaml packaging cffi
 MPICC=${MPICC:-mpicc} pip_install -c "$CONSTRAINTS" --no-cache-dir --no-binary mpi4py mpi4py
 "$PY" - <<'PYEOF'
 import torch
@@ -34,10 +34,8 @@ assert torch.version.cuda, f"torch {torch.__version__} is a CPU build: the GPU w
 print(f"[gpu-wheel] torch {torch.__version__}, CUDA {torch.version.cuda}")
 PYEOF
 
-# The CUDA tree the pip packages installed: what CUDA_HOME must look like to CMake and nvcc.
-CUDA_HOME=$("$PY" -c 'import nvidia, pathlib; print(pathlib.Path(nvidia.__path__[0]) / "cu13")')
-[ -e "$CUDA_HOME/lib64" ] || ln -s lib "$CUDA_HOME/lib64"
-[ -e "$CUDA_HOME/lib/libcudart.so" ] || ln -s libcudart.so.13 "$CUDA_HOME/lib/libcudart.so"
+# The CUDA 13 compiler from PyPI, as set-up does on a machine without a CUDA toolkit.
+CUDA_HOME=$(PY=$PY CONSTRAINTS=$CONSTRAINTS "$ROOT/tools/cuda_from_pypi.sh")
 export CUDA_HOME PATH=$CUDA_HOME/bin:$PATH
 log "CUDA_HOME=$CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'))"
 

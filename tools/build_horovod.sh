@@ -15,6 +15,9 @@
 #   2. Drop xla_mpi_ops.cc from horovod/tensorflow/CMakeLists.txt
 #      (TF 2.21's XLA headers include files the wheel does not ship; the XLA ops are optional).
 #   3. CUDA kernels in C++17 instead of C++11 (nvcc 13 refuses C++11; unused without CUDA).
+#   4. TensorFlow GPU ops: the CUDA stream of a TF stream from Stream::platform_specific_handle()
+#      instead of stream_executor::gpu::AsGpuStreamValue, which TF 2.21 no longer exports (the
+#      library built, then failed to load: "undefined symbol ...AsGpuStreamValue..."). GPU only.
 set -euo pipefail
 PY=${PY:-python3}
 HOROVOD_VERSION=0.28.1
@@ -22,9 +25,7 @@ CACHE=${HVDAGENTS_CACHE:-$HOME/.cache/hvdagents}
 
 TOOLS=$(cd "$(dirname "$0")" && pwd)
 if [ -n "${HOROVOD_GPU_OPERATIONS:-}" ]; then
-    if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
-        CUDA_HOME=$(dirname "$(dirname "$(command -v nvcc)")"); export CUDA_HOME
-    fi
+    CUDA_HOME=$(python3 "$TOOLS/setup_plan.py" cuda-home); export CUDA_HOME
     if [ -z "${CUDA_HOME:-}" ] || [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
         echo "[build_horovod] HOROVOD_GPU_OPERATIONS=$HOROVOD_GPU_OPERATIONS needs CUDA: set CUDA_HOME to a CUDA" \
              "toolkit (with bin/nvcc), or 'module load cuda'" >&2
@@ -53,7 +54,7 @@ key=$(python3 "$TOOLS/setup_plan.py" cache-key "$PY")
 wheel_dir=$CACHE/$key
 mkdir -p "$CACHE"
 
-if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+build_wheel() {
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     echo "[build_horovod] building $key (about 10 minutes on 2 cores)" >&2
@@ -76,6 +77,24 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     sed -i 's/set(CMAKE_CUDA_STANDARD 11)/set(CMAKE_CUDA_STANDARD 17)/' "$src/horovod/common/ops/cuda/CMakeLists.txt"
     grep -q 'CMAKE_CUDA_STANDARD 17' "$src/horovod/common/ops/cuda/CMakeLists.txt"
 
+    # Fix 4 (TensorFlow GPU ops only): the stream handle through the Stream interface.
+    "$PY" - "$src/horovod/tensorflow/mpi_ops.cc" <<'PYEOF'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+declaration = ("namespace stream_executor {\nnamespace gpu {\n"
+               "GpuStreamHandle AsGpuStreamValue(Stream* stream);\n"
+               "} // namespace stream_executor\n} // namespace gpu\n")
+include_end = "#endif // TENSORFLOW_VERSION >= 2011000000\n"
+definition = ("namespace stream_executor {\nnamespace gpu {\n"
+              "inline GpuStreamHandle AsGpuStreamValue(Stream* stream) {\n"
+              "  return static_cast<GpuStreamHandle>(stream->platform_specific_handle().stream);\n"
+              "}\n} // namespace gpu\n} // namespace stream_executor\n")
+if text.count(declaration) != 1 or text.count(include_end) != 1:
+    sys.exit("[build_horovod] patch 4 did not apply: mpi_ops.cc is not the expected 0.28.1 source")
+open(path, "w").write(text.replace(declaration, "").replace(include_end, include_end + definition))
+PYEOF
+
     # The frameworks this venv has: both for set-up's venvs; torch alone for the GPU proof
     # (tools/build_gpu_wheel.sh), whose venv has no TensorFlow.
     frameworks=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1)
@@ -91,6 +110,33 @@ if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
     mkdir -p "$wheel_dir.tmp.$$"
     mv "$tmp_out"/horovod-*.whl "$wheel_dir.tmp.$$/"
     mv -T "$wheel_dir.tmp.$$" "$wheel_dir"
+}
+
+# Install the wheel; every binding the venv's frameworks need must load (a library that built
+# but does not load, an undefined symbol, must stop set-up rather than pass it).
+install_checked() {
+    "$PY" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
+    local bindings=horovod.torch binding err
+    if "$PY" -c 'import tensorflow' >/dev/null 2>&1; then bindings="$bindings horovod.tensorflow"; fi
+    for binding in $bindings; do
+        if ! err=$("$PY" -c "import $binding" 2>&1); then
+            echo "[build_horovod] $binding from $(ls "$wheel_dir"/horovod-*.whl) does not load:" >&2
+            echo "$err" | tail -n 3 >&2
+            return 1
+        fi
+    done
+}
+
+built=0
+if ! ls "$wheel_dir"/horovod-*.whl >/dev/null 2>&1; then
+    build_wheel
+    built=1
 fi
-"$PY" -m pip install -q --no-deps "$wheel_dir"/horovod-*.whl
+if ! install_checked; then
+    [ "$built" = 1 ] && exit 1
+    echo "[build_horovod] discarding that cached wheel and building it again" >&2
+    rm -rf "$wheel_dir"
+    build_wheel
+    install_checked || exit 1
+fi
 echo "[build_horovod] installed $(ls "$wheel_dir"/horovod-*.whl)" >&2

@@ -59,7 +59,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY=$VENV/bin/python
 # Fast path: everything installed by an earlier run of the same recipe, MPI and variant.
-RECIPE_HASH=$({ cat tools/setup.sh tools/build_horovod.sh tools/setup_plan.py "$CONSTRAINTS" setup.cfg
+RECIPE_HASH=$({ cat tools/setup.sh tools/build_horovod.sh tools/cuda_from_pypi.sh tools/setup_plan.py "$CONSTRAINTS" setup.cfg
                 echo "$MPI_ID $VARIANT"; } | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$RECIPE_HASH" ] \
    && "$PY" -c 'import horovod.torch, horovod.tensorflow, mpi4py, hvdagents' 2>/dev/null; then
@@ -71,6 +71,13 @@ log "installing the $VARIANT set into $VENV (MPI: $MPI_ID; pins: $CONSTRAINTS)"
 pip_install -c "$CONSTRAINTS" --upgrade pip wheel setuptools
 if [ "$VARIANT" = gpu ]; then
     pip_install -c "$CONSTRAINTS" torch "tensorflow[and-cuda]"
+    # A wheel folder in pip's configuration may hold torch's CPU build under the same version.
+    if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
+        log "ERROR: the gpu set needs torch's CUDA build, and pip installed $("$PY" -c 'import torch; print(torch.__version__)')"
+        log "(a CPU build). 'pip config list' shows where it came from (find-links, an index); remove it"
+        log "from $VENV ('$PY -m pip uninstall torch') and run set-up again without that setting."
+        exit 1
+    fi
 else
     pip_install -c "$CONSTRAINTS" torch tensorflow-cpu
 fi
@@ -91,6 +98,12 @@ fi
 if ! "$PY" -c 'import horovod.torch, horovod.tensorflow' 2>/dev/null; then
     if [ "$VARIANT" = gpu ]; then
         export HOROVOD_GPU_OPERATIONS=${HOROVOD_GPU_OPERATIONS:-NCCL}
+        # CUDA: CUDA_HOME, else the nvcc on PATH (`module load cuda`), else NVIDIA's packages on PyPI.
+        if [ -z "$($PLAN cuda-home)" ]; then
+            log "no CUDA toolkit (CUDA_HOME, nvcc): installing NVIDIA's CUDA compiler packages into $VENV"
+            CUDA_HOME=$(PY=$PY CONSTRAINTS=$CONSTRAINTS tools/cuda_from_pypi.sh)
+            export CUDA_HOME PATH=$CUDA_HOME/bin:$PATH
+        fi
     fi
     PY=$PY MPICC=$MPICC tools/build_horovod.sh
 fi

@@ -3,6 +3,7 @@
     python tools/setup_plan.py variant            # cpu or gpu
     python tools/setup_plan.py constraints        # the constraints file of that variant
     python tools/setup_plan.py mpi-identity       # one line naming the MPI on PATH
+    python tools/setup_plan.py cuda-home          # the CUDA toolkit to compile with, or nothing
     python tools/setup_plan.py cache-key PYTHON   # the Horovod wheel cache key for that venv
 
 Runs on the system Python (standard library only), before the virtual environment exists.
@@ -102,6 +103,21 @@ def cache_key(*, torch: str, tensorflow: str, python: str, mpi: str, cuda: Optio
     return re.sub(r"[^A-Za-z0-9._+@-]", "_", key)
 
 
+def nccl_version(nccl_home: Optional[str]) -> Optional[str]:
+    """``2.29.7``: the version in ``$nccl_home/include/nccl.h``, the NCCL a build compiles and
+    links against; ``None`` without a readable header. (Package metadata can mislead: torch's
+    ``nvidia-nccl-cu13`` and TensorFlow's ``nvidia-nccl-cu12`` install the same
+    ``nvidia/nccl`` files, and the one installed last is the one on disk.)"""
+    if not nccl_home:
+        return None
+    try:
+        header = (Path(nccl_home) / "include" / "nccl.h").read_text(errors="replace")
+    except OSError:
+        return None
+    parts = [re.search(rf"^#define NCCL_{name}\s+(\d+)", header, re.MULTILINE) for name in ("MAJOR", "MINOR", "PATCH")]
+    return ".".join(m.group(1) for m in parts) if all(parts) else None
+
+
 def _venv_versions(python: str) -> dict[str, str]:
     code = (
         "import sys, importlib.metadata as md\n"
@@ -117,11 +133,30 @@ def _venv_versions(python: str) -> dict[str, str]:
     return {"torch": out[0], "tensorflow": out[1], "python": out[2], "nccl": out[3]}
 
 
-def _cuda_version(env: Mapping[str, str]) -> Optional[str]:
-    nvcc = shutil.which("nvcc", path=env.get("PATH"))
+def cuda_home(env: Mapping[str, str]) -> Optional[str]:
+    """The CUDA toolkit Horovod's GPU build compiles with: ``$CUDA_HOME`` when set, else the one
+    holding the ``nvcc`` on ``PATH`` (``module load cuda``); ``None`` when neither, and set-up
+    then installs NVIDIA's compiler packages from PyPI (``tools/cuda_from_pypi.sh``)."""
     if env.get("CUDA_HOME"):
-        nvcc = str(Path(env["CUDA_HOME"]) / "bin" / "nvcc")
-    if not nvcc or not Path(nvcc).exists():
+        return env["CUDA_HOME"]
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
+    if nvcc is None:
+        return None
+    # nvcc may be a wrapper script outside the toolkit (/usr/local/bin/nvcc -> exec .../cuda/bin/nvcc);
+    # a dry run names the directory the real one runs from.
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        here = re.search(r"^#\$ _HERE_=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    except (OSError, subprocess.TimeoutExpired):
+        here = None
+    return str(Path(here.group(1).strip()).parent) if here else str(Path(nvcc).parent.parent)
+
+
+def _cuda_version(env: Mapping[str, str]) -> Optional[str]:
+    home = cuda_home(env)
+    nvcc = Path(home) / "bin" / "nvcc" if home else None
+    if nvcc is None or not nvcc.exists():
         return None
     found = re.search(r"release (\d+\.\d+)", subprocess.run([nvcc, "--version"], capture_output=True,
                                                              text=True, timeout=60).stdout)
@@ -137,6 +172,8 @@ def main(argv: list[str]) -> int:
         print(constraints_file(variant(env, nvidia_smi_works())))
     elif command == "mpi-identity":
         print(mpi_identity(env))
+    elif command == "cuda-home":
+        print(cuda_home(env) or "")
     elif command == "mpicc":
         print(mpi_compiler(env) or "")
     elif command == "cache-key" and len(argv) == 2:
@@ -144,7 +181,8 @@ def main(argv: list[str]) -> int:
         gpu_ops = env.get("HOROVOD_GPU_OPERATIONS")
         print(cache_key(torch=versions["torch"], tensorflow=versions["tensorflow"], python=versions["python"],
                         mpi=mpi_identity(env), cuda=_cuda_version(env) if gpu_ops else None,
-                        nccl=(versions["nccl"] if versions["nccl"] != "none" else env.get("NCCL_VERSION"))
+                        nccl=(nccl_version(env.get("HOROVOD_NCCL_HOME") or env.get("NCCL_HOME"))
+                              or (versions["nccl"] if versions["nccl"] != "none" else env.get("NCCL_VERSION")))
                         if gpu_ops else None, gpu_operations=gpu_ops))
     else:
         print(__doc__, file=sys.stderr)
