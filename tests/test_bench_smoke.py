@@ -33,6 +33,8 @@ MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras"
 SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
 #: Keys of differences, which noise can make negative.
 SIGNED = {"added_us_per_step"}
+#: Keys of shares (0 to 1), which are 0 when nothing was counted.
+SHARES = {"stalled_share"}
 
 
 def _bench(out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -66,17 +68,27 @@ def _numbers(value, where="$"):
             yield from _numbers(v, f"{where}[{i}]")
 
 
-def _spreads(value):
-    """Every median/min/max summary in a JSON value, except under SIGNED keys."""
+def _spreads(value, skip=SIGNED | SHARES):
+    """Every median/min/max summary in a JSON value, except under ``skip`` keys."""
     if isinstance(value, dict):
         if "median" in value:
             yield value
         for k, v in value.items():
-            if k not in SIGNED:
-                yield from _spreads(v)
+            if k not in skip:
+                yield from _spreads(v, skip)
     elif isinstance(value, list):
         for v in value:
-            yield from _spreads(v)
+            yield from _spreads(v, skip)
+
+
+def _shares(value):
+    """Every summary under a SHARES key."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from (_spreads(v, skip=set()) if k in SHARES else _shares(v))
+    elif isinstance(value, list):
+        for v in value:
+            yield from _shares(v)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -104,6 +116,8 @@ def test_quick_run_writes_well_formed_json(quick_out, name):
     for s in summaries:
         assert all(s[k] > 0 for k in SPREAD_KEYS), s
         assert s["min"] <= s["median"] <= s["max"], s
+    for s in _shares(data):
+        assert 0 <= s["min"] <= s["median"] <= s["max"] <= 1, s
     assert (quick_out / f"{name}.png").stat().st_size > 0
 
 
