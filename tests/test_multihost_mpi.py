@@ -163,5 +163,7 @@ def test_a_rank_slowed_by_compute_on_another_host_does_not_slow_the_others(two_h
         assert fast_before == slow_before and fast_after == slow_after
         assert fast_after <= 0.9 * fast_before, found  # held back: what the async ones must not be
     else:
-        assert slow_after <= 0.75 * slow_before, found  # the straggler really was slowed
+        # the straggler really is one: slower than the other rank by a clear margin (against its own
+        # balanced pace it need not be: on 2 shared cores that pace is already uneven, e.g. 217/176)
+        assert slow_after <= 0.75 * fast_after, found
         assert fast_after >= 0.85 * fast_before, found
