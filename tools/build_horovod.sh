@@ -51,6 +51,10 @@ PYEOF
     export HOROVOD_NCCL_HOME=$NCCL_HOME HOROVOD_CUDA_HOME=$CUDA_HOME
 fi
 key=$(python3 "$TOOLS/setup_plan.py" cache-key "$PY")
+# Whether this venv has TensorFlow (both for set-up's venvs; torch alone for the GPU proof,
+# tools/build_gpu_wheel.sh): what is built, and which bindings must load.
+has_tensorflow=0
+if "$PY" -c 'import tensorflow' >/dev/null 2>&1; then has_tensorflow=1; fi
 wheel_dir=$CACHE/$key
 mkdir -p "$CACHE"
 
@@ -95,10 +99,8 @@ if text.count(declaration) != 1 or text.count(include_end) != 1:
 open(path, "w").write(text.replace(declaration, "").replace(include_end, include_end + definition))
 PYEOF
 
-    # The frameworks this venv has: both for set-up's venvs; torch alone for the GPU proof
-    # (tools/build_gpu_wheel.sh), whose venv has no TensorFlow.
     frameworks=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1)
-    if ! "$PY" -c 'import tensorflow' >/dev/null 2>&1; then
+    if [ "$has_tensorflow" = 0 ]; then
         frameworks=(HOROVOD_WITH_PYTORCH=1 HOROVOD_WITHOUT_TENSORFLOW=1)
     fi
     tmp_out=$work/wheel
@@ -117,7 +119,7 @@ PYEOF
 install_checked() {
     "$PY" -m pip install -q --no-deps --force-reinstall "$wheel_dir"/horovod-*.whl
     local bindings=horovod.torch binding err
-    if "$PY" -c 'import tensorflow' >/dev/null 2>&1; then bindings="$bindings horovod.tensorflow"; fi
+    if [ "$has_tensorflow" = 1 ]; then bindings="$bindings horovod.tensorflow"; fi
     for binding in $bindings; do
         if ! err=$("$PY" -c "import $binding" 2>&1); then
             echo "[build_horovod] $binding from $(ls "$wheel_dir"/horovod-*.whl) does not load:" >&2
