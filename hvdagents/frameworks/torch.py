@@ -3,8 +3,10 @@
 Sync training averages gradients with :class:`~.torch_grads.GradientAllreducer`: a hook on
 each trainable parameter starts its Horovod all-reduce as soon as backward produces the
 gradient (overlapping communication with the rest of backward, with Horovod's tensor
-fusion), and the set of trainable parameters is read again at every step, so frozen,
-unfrozen and added parameters are all handled. The user's optimizer is used as it is.
+fusion), and the mean is in ``.grad`` when ``backward()`` returns, as with DDP. The set of
+trainable parameters is read again at every averaging, so frozen, unfrozen and added
+parameters are all handled. The user's optimizer is used as it is, stepped by anyone: the
+strategies act in the optimizer's step hooks.
 
 Parameters may be of any floating dtype, mixed (bfloat16 included). The asynchronous
 strategies exchange a host copy in float64 when any parameter is float64, else float32.
@@ -12,18 +14,24 @@ strategies exchange a host copy in float64 when any parameter is float64, else f
 
 from __future__ import annotations
 
-from typing import IO, Any, Callable
+import weakref
+from contextlib import nullcontext
+from typing import IO, Any, Callable, ContextManager
 
 import numpy as np
 import torch
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..collectives import bcast_array, bcast_tree
+from ..errors import ModelMismatchError, UsageError
 from ..strategies.config import Strategy
-from .torch_grads import GradientAllreducer, wire_tensor
+from .torch_grads import GradientAllreducer, names_checksum, wire_tensor
 from .torch_staging import PinnedStaging, needs_staging
 
 __all__ = ["TorchAgent"]
+
+#: Optimizers that belong to an open agent (one agent per optimizer at a time).
+_OPEN_AGENTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def host_dtype(dtypes: Any) -> np.dtype:
@@ -58,23 +66,32 @@ class TorchAgent(Agent):
     collective on the parameters). Rank 0's parameters, buffers and optimizer state are then
     broadcast, so every rank starts from the same point whatever its seed.
 
-    The user's loop stays theirs; ``agent.step()`` replaces ``optimizer.step()``::
+    The user's loop stays theirs, written as for one process::
 
-        optimizer.zero_grad(); loss_fn(model(x), y).backward(); agent.step()
+        optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
 
-    With :class:`~hvdagents.Sync`, gradients are averaged over all ranks before the update
-    (``backward_passes_per_step=k``: call ``step()`` after every k backward passes; the k
-    gradients are summed locally, scale the loss by 1/k for a mean). Other strategies run
-    after the local update (see :mod:`hvdagents.strategies`).
+    With :class:`~hvdagents.Sync` the contract is DDP's: when ``backward()`` returns, every
+    trainable ``.grad`` holds the mean over the ranks, identical everywhere, so clipping,
+    ``GradScaler.unscale_`` or logging between backward and the step see the mean; whoever
+    steps the optimizer (``optimizer.step()``, ``scaler.step(optimizer)``, a framework's loop,
+    :meth:`step`) steps on averaged gradients, and a step that cannot be honoured (no
+    backward since the last step) raises :class:`~hvdagents.UsageError` at that step.
+    Accumulation: ``with agent.no_sync():`` for the micro-batches that only accumulate, or
+    ``Sync(backward_passes_per_step=k)`` (see :mod:`.torch_grads`). Other strategies run
+    after every local step of the optimizer, whoever calls it.
 
-    Which parameters: those in the optimizer's param groups with ``requires_grad``, read
-    again at every ``Sync`` step (freeze, unfreeze and ``add_param_group`` at will, the same
-    way on every rank). A parameter no rank produced a gradient for keeps ``grad=None``.
+    Which parameters: ``Sync`` and ``LocalSGD`` average those in the optimizer's param
+    groups with ``requires_grad``, read again at every averaging (freeze, unfreeze and
+    ``add_param_group`` at will, the same way on every rank). The asynchronous strategies
+    share every floating-point parameter of the model and write back only those that
+    require a gradient, so frozen parameters stay as they are and unfrozen ones join.
+    A parameter no rank produced a gradient for keeps ``grad=None``.
 
     Uneven data: a rank that runs out of batches calls :meth:`close` (or leaves a
     ``with agent:`` block); with ``Sync`` it then takes part in the other ranks' remaining
     all-reduces without contributing, and each of those steps averages over the ranks still
-    training. ``close`` returns on every rank once all have closed.
+    training. ``close`` returns on every rank once all have closed, and removes every hook
+    the agent added to the model and the optimizer.
     """
 
     def __init__(
@@ -88,10 +105,14 @@ class TorchAgent(Agent):
             raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
+        if optimizer in _OPEN_AGENTS:
+            raise UsageError(
+                "this optimizer already belongs to an open TorchAgent: close() that agent first, "
+                "or give each agent its own optimizer"
+            )
         self.model = model
         self.optimizer = optimizer
-        self._named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self._params = [p for _, p in self._named]
+        self._params = [p for p in model.parameters() if p.is_floating_point()]
         self._dtype = host_dtype(p.dtype for p in self._params)
         self._staging: PinnedStaging | None = None  # made when parameters are on a GPU
         check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
@@ -103,20 +124,26 @@ class TorchAgent(Agent):
                 compression=self.strategy.compression,
                 backward_passes_per_step=self.strategy.backward_passes_per_step,
             )
+        # The strategy acts after every local step, whoever steps the optimizer.
+        self._step_hook = optimizer.register_step_post_hook(lambda *_: self._after_local_step())
+        _OPEN_AGENTS[optimizer] = True
         self._start_strategy()
 
     # -- the user's loop -------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Replace ``optimizer.step()``. With ``Sync``: waits for the gradient all-reduce
-        (collective: every rank must call it the same number of times), then steps the user's
-        optimizer. Other strategies: a local step, then the strategy's exchange (one-sided
-        for the asynchronous ones: no other rank needs to take part)."""
+        """``optimizer.step(closure)``, kept for loops written against earlier versions: the
+        agent's work happens in hooks, so calling the optimizer's own ``step`` is the same.
+        With ``Sync`` the step is collective in effect (the backward passes before it
+        averaged); with the asynchronous strategies the exchange after it is one-sided."""
         self._check_open()
-        if self._gradients is not None:
-            self._gradients.synchronize()
-        result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        self._after_local_step()
-        return result
+        return self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+
+    def no_sync(self) -> ContextManager[None]:
+        """DDP's gradient accumulation: backward passes inside only accumulate locally; the
+        first backward after the block averages everything accumulated (``Sync``). Other
+        strategies average parameters, not gradients: there it changes nothing. Local."""
+        self._check_open()
+        return self._gradients.no_sync() if self._gradients is not None else nullcontext()
 
     # -- ParameterAccess ------------------------------------------------------------------
     @property
@@ -136,8 +163,9 @@ class TorchAgent(Agent):
         return self._staging
 
     def get_flat(self) -> np.ndarray:
-        """A host copy of the trainable parameters in :attr:`dtype` (bfloat16 and float16
-        widened exactly); CUDA parameters travel through a pinned staging buffer."""
+        """A host copy of every floating-point parameter of the model, in :attr:`dtype`
+        (bfloat16 and float16 widened exactly); CUDA parameters travel through a pinned
+        staging buffer."""
         if not self._params:
             return np.zeros(0, self._dtype)
         staging = self._staged()
@@ -149,30 +177,52 @@ class TorchAgent(Agent):
         return flat.numpy()  # cat made new memory: no second copy
 
     def set_flat(self, values: np.ndarray) -> None:
+        """Write ``values`` (in :meth:`get_flat` order) into the parameters that require a
+        gradient now; frozen parameters keep their values exactly."""
         values = np.asarray(values)
         if values.shape != (self.num_parameters,):
             raise ValueError(f"expected {self.num_parameters} values; got shape {values.shape}")
+        write = [p.requires_grad for p in self._params]
         staging = self._staged()
         if staging is not None:
-            staging.scatter(values, self._params)  # cast into the buffer's dtype there
+            staging.scatter(values, self._params, write)  # cast into the buffer's dtype there
             return
         source = torch.from_numpy(np.ascontiguousarray(values, dtype=self._dtype))
         offset = 0
         with torch.no_grad():
-            for p in self._params:
+            for p, wanted in zip(self._params, write):
                 n = p.numel()
-                p.copy_(source[offset:offset + n].view_as(p))  # copy_ casts and moves to p's device
+                if wanted:
+                    p.copy_(source[offset:offset + n].view_as(p))  # copy_ casts and moves to p's device
                 offset += n
 
+    def _trainable(self) -> list[torch.Tensor]:
+        """The parameters in the optimizer's param groups that require a gradient now, in the
+        model's order (read again at every averaging)."""
+        grouped = {id(p) for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad}
+        return [p for p in self._params if id(p) in grouped]
+
     def average_parameters(self) -> None:
-        """Collective over the ranks still training: every trainable parameter becomes its
-        mean over them (grouped all-reduce per dtype, on the parameters' device). Ranks that
-        left through :meth:`close` are not counted (they contribute zeros, see ``close``)."""
+        """Collective over the ranks still training: every trainable parameter (read again
+        now) becomes its mean over them (grouped all-reduce per dtype, on the parameters'
+        device). Ranks that left through :meth:`close` are not counted (they contribute
+        zeros, see ``close``). Ranks that train different parameter sets get a
+        :class:`~hvdagents.ModelMismatchError`, before the parameters are reduced."""
+        trainable = self._trainable()
+        names = [name for name, p in self.model.named_parameters() if any(p is t for t in trainable)]
+        checksum = float(names_checksum(names))
+        totals = self._hvd.allreduce(torch.tensor([1.0, checksum, checksum * checksum], dtype=torch.float64),
+                                     op=self._hvd.Sum, name="hvdagents.active")
+        active = totals[0].item()
+        if totals[1].item() != active * checksum or totals[2].item() != active * checksum * checksum:
+            raise ModelMismatchError(
+                f"the ranks average different sets of parameters (this rank trains {len(names)}). Every "
+                "rank must freeze and unfreeze the same parameters (requires_grad) and add the same "
+                "param groups to its optimizer, at the same step."
+            )
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in self._params:
+        for p in trainable:
             by_dtype.setdefault(p.dtype, []).append(p.data)
-        active = self._hvd.allreduce(torch.ones(1, dtype=torch.float64), op=self._hvd.Sum,
-                                     name="hvdagents.active").item()
         with torch.no_grad():
             for dtype, tensors in sorted(by_dtype.items(), key=lambda item: str(item[0])):
                 wire = [wire_tensor(t) for t in tensors]
@@ -187,15 +237,30 @@ class TorchAgent(Agent):
         ``LocalSGD``, wait in Horovod's join until every rank has closed."""
         if self._hvd is not None and self.context.size > 1:
             device = next((p.device.index for p in self._params if p.is_cuda), -1)
-            if self._gradients is not None:
-                self._gradients.check_no_pending_step()
             self._hvd.join(device)
+
+    def close(self) -> None:
+        """Collective: see :meth:`Agent.close`; then every hook this agent added to the model
+        and the optimizer is removed (a later agent on the same model starts clean)."""
+        if self._closed:
+            return
+        super().close()
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        if self._gradients is not None:
+            self._gradients.close()
+        self._step_hook.remove()
+        _OPEN_AGENTS.pop(self.optimizer, None)
 
     # -- state beside the trainable parameters (buffers, frozen parameters) -------------------------
     def _state_tensors(self) -> list[torch.Tensor]:
-        trainable = {id(p) for p in self._params}
-        frozen = [p for _, p in self.model.named_parameters() if id(p) not in trainable]
-        return frozen + [b for _, b in self.model.named_buffers()]
+        """Parameters the strategy does not share, then buffers. ``Sync``/``LocalSGD``: the
+        parameters outside the trainable set now; asynchronous strategies share every
+        floating-point parameter."""
+        shared = {id(p) for p in (self._trainable() if self._hvd is not None else self._params)}
+        rest = [p for p in self.model.parameters() if id(p) not in shared]
+        return rest + [b for _, b in self.model.named_buffers()]
 
     def _state_arrays(self) -> list[np.ndarray]:
         return [host_array(t) for t in self._state_tensors()]

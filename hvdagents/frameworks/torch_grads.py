@@ -1,34 +1,59 @@
-"""Gradient averaging for ``TorchAgent(Sync)``: our own hooks on Horovod's async all-reduce.
+"""Gradient averaging for ``TorchAgent(Sync)``: DDP's contract on Horovod's async all-reduce.
 
-Why not ``horovod.torch.DistributedOptimizer``: it fixes the set of parameters when it is
-built (a frozen parameter in the optimizer breaks its naming, a parameter unfrozen later is
-never all-reduced, and the ranks' weights silently diverge), it builds a second instance of
-the user's optimizer class, and it hands parameters that got no gradient a zero gradient
-that momentum and weight decay then move.
+**The contract** (PyTorch ``DistributedDataParallel``'s): when ``loss.backward()`` returns,
+every trainable parameter's ``.grad`` holds the mean of the ranks' gradients, identical on
+every rank. Whatever runs between backward and the optimizer's step (clipping by norm or by
+value, ``GradScaler.unscale_`` and its inf check, gradient logging) sees the mean, and
+anyone may step the optimizer (``optimizer.step()``, ``scaler.step(optimizer)``, a
+framework's loop, ``agent.step()``).
 
-Here the set of parameters is read again at every step: every parameter that is in one of
-the optimizer's ``param_groups`` and has ``requires_grad``. A post-accumulate-grad hook on
-each starts its all-reduce (``SUM``) as soon as backward has produced the gradient, so
-communication overlaps the rest of backward as in Horovod. ``step`` then submits what has
-not started yet (a parameter unfrozen since the last step, a gradient missing on this
-rank: zeros), plus one small *presence* vector, and waits for all of them.
+**How.** A post-accumulate-grad hook on each trainable parameter starts its all-reduce
+(``SUM``) as soon as backward has produced the gradient, so communication overlaps the rest
+of backward, with Horovod's tensor fusion. The first hook of a backward pass queues a
+callback on autograd's engine that runs once the pass has accumulated every gradient (the
+mechanism DDP's reducer uses); it submits what has not started (a parameter unfrozen since
+the last step, a gradient missing on this rank: zeros), plus one small *presence* vector,
+waits for all of them and leaves the mean in ``.grad``.
 
 The presence vector (``SUM`` over ranks) carries, in this order: 1 (the rank is still
-training: ranks that left through ``agent.close()`` contribute zeros there, as
-Horovod's join does for every all-reduce), one flag per parameter (this rank had a
-gradient), and a checksum of the parameter names and its square. From it every rank learns
-the same three things: the number of ranks still training (gradients are divided by it, so
-they are the mean over those ranks, counting a rank without a gradient for a parameter as
-contributing zero, exactly as one process on the concatenated batch would), which
-parameters no rank has a gradient for (their ``grad`` is set to ``None`` on every rank, so
-the optimizer leaves them alone), and whether every rank trains the same parameters (if not,
+training: ranks that left through ``agent.close()`` contribute zeros there, as Horovod's
+join does for every all-reduce), one flag per parameter (this rank had a gradient), and a
+checksum of the parameter names and its square. From it every rank learns the number of
+ranks still training (gradients are divided by it: a parameter without a gradient on a rank
+counts as zero there, as in one process on the concatenated batch), which parameters no rank
+has a gradient for (their ``grad`` becomes ``None`` on every rank, so the optimizer leaves
+them alone), and whether every rank trains the same parameters (if not,
 :class:`~hvdagents.ModelMismatchError` on every rank instead of a hang).
+
+**Which parameters**: those in the optimizer's param groups with ``requires_grad``, read
+again at every averaging (freeze, unfreeze, ``add_param_group`` the same way on every rank).
+
+**Several backward passes before one step.** With ``backward_passes_per_step=1`` (the
+default) every backward pass averages, as DDP does: two losses with a backward each, or a
+GAN's generator pass that reaches the discriminator, give the sum of the averaged gradients,
+which is what one process has (re-averaging a mean that is already the same on every rank
+changes nothing). With ``k > 1`` the first ``k - 1`` passes after a step only accumulate
+locally and the k-th averages the sum; a (k+1)-th before the step raises. DDP's
+``no_sync()`` is the flexible form: passes inside it only accumulate, the next pass outside
+it averages everything accumulated.
+
+**Sparse and strided gradients.** Sparse gradients (``nn.Embedding(sparse=True)``) travel as
+Horovod all-gathers of their indices and values and come back as one sparse gradient of the
+summed rows divided by the ranks still training, so sparse optimizers keep working.
+Non-contiguous gradients (``channels_last``) and bfloat16 ones (Horovod 0.28 cannot reduce
+bfloat16) travel through a contiguous (float32) copy, written back when the pass ends.
+``compression="fp16"`` scales by 1/size before the cast and the sum, so a sum over many
+ranks does not overflow float16.
 """
 
 from __future__ import annotations
 
+import itertools
+import weakref
 import zlib
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -36,12 +61,15 @@ from ..errors import ModelMismatchError, UsageError
 
 __all__ = ["GradientAllreducer", "wire_tensor"]
 
-#: Name prefix of every gradient all-reduce (Horovod matches tensors across ranks by name).
-_GRAD_PREFIX = "hvdagents.grad."
-_PRESENCE_NAME = "hvdagents.grad_presence"
+#: Name prefix of every gradient all-reduce (Horovod matches tensors across ranks by name);
+#: each reducer adds its own number, so several agents' gradients may be in flight at once.
+_GRAD_PREFIX = "hvdagents.grad"
 #: Checksums are kept below 2**26 so that sums of their squares over many ranks stay exact
 #: in float64.
 _CHECKSUM_MASK = (1 << 26) - 1
+#: Reducers made in this process, in order: the same number on every rank, because agents are
+#: made collectively in the same order.
+_reducer_numbers = itertools.count()
 
 
 def names_checksum(names: list[str]) -> int:
@@ -54,18 +82,32 @@ _WIRE_DTYPES = {torch.bfloat16: torch.float32}
 
 
 def wire_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` itself, or a float32 copy of a bfloat16 one (Horovod 0.28 cannot reduce
-    bfloat16; float32 holds it exactly and sums it more precisely)."""
+    """``tensor`` itself when Horovod can reduce it in place; else a contiguous copy, in
+    float32 for bfloat16 (Horovod 0.28 cannot reduce bfloat16; float32 holds it exactly)."""
     wide = _WIRE_DTYPES.get(tensor.dtype)
-    return tensor if wide is None else tensor.to(wide)
+    if wide is None and tensor.is_contiguous():
+        return tensor
+    return tensor.to(dtype=wide or tensor.dtype, memory_format=torch.contiguous_format)
+
+
+@dataclass
+class _InFlight:
+    """One gradient's all-reduce (dense) or pair of all-gathers (sparse) of this pass."""
+
+    grad: torch.Tensor
+    handles: tuple[Any, ...]
+    wire: torch.Tensor | None = None  # dense: the tensor Horovod reduces (may be ``grad``)
 
 
 class GradientAllreducer:
-    """Averages the gradients of an optimizer's trainable parameters over all ranks.
+    """Averages the gradients of an optimizer's trainable parameters over all ranks at the
+    end of every (k-th) backward pass; checks every step of the optimizer.
 
-    Communication: every method that reduces is collective over the ranks still training
-    (:meth:`synchronize` once per step on every rank, in the same order); hooks start
-    non-blocking all-reduces during backward. ``hvd`` is ``horovod.torch``, initialised.
+    Communication: the end of each averaging backward pass is collective over the ranks
+    still training (every rank must run the same averaging passes, in the same order);
+    hooks start non-blocking all-reduces during backward. ``hvd`` is ``horovod.torch``,
+    initialised. :meth:`close` removes every hook this object added (parameters and
+    optimizer), so a later agent on the same model starts clean.
     """
 
     def __init__(self, hvd: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
@@ -73,20 +115,35 @@ class GradientAllreducer:
         self._hvd = hvd
         self._optimizer = optimizer
         self._names = {id(p): name for name, p in model.named_parameters()}
-        self._compression = hvd.Compression.fp16 if compression == "fp16" else hvd.Compression.none
+        self._prefix = f"{_GRAD_PREFIX}.{next(_reducer_numbers)}."
+        self._fp16 = compression == "fp16"
+        self._size = hvd.size()
         self._passes_per_step = backward_passes_per_step
-        self._hooked: set[int] = set()
-        self._handles: dict[str, tuple[Any, Any, torch.Tensor]] = {}
-        self._passes: dict[str, int] = {}
+        self._sparse = {  # parameters whose gradients are sparse (known before the first one)
+            id(m.weight) for m in model.modules()
+            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse
+        }
         self._tracked: dict[str, torch.nn.Parameter] = {}
-        self._alone = hvd.size() == 1  # a world of one: nothing to average (as Horovod does)
-        if not self._alone:
-            self.refresh()
+        self._hooked: set[int] = set()
+        self._handles: list[Any] = []  # removable hook handles
+        self._in_flight: dict[str, _InFlight] = {}
+        # Where this step stands: passes counted since the last step (outside no_sync), whether
+        # the gradients hold the mean, passes under no_sync() not averaged yet.
+        self._passes = 0
+        self._averaged = False
+        self._unaveraged_local = False
+        self._in_pass = False
+        self._averaging_pass = False
+        self._syncing = True
+        self._grads_seen: dict[str, weakref.ref] = {}
+        self._handles.append(optimizer.register_step_pre_hook(self._before_step))
+        self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self.refresh()
 
     # -- which parameters -------------------------------------------------------------------
     def trainable(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters reduced at the next step, by name, sorted: those in the optimizer's
-        param groups that require a gradient (read again at every step)."""
+        """The parameters averaged at the next averaging, by name, sorted: those in the
+        optimizer's param groups that require a gradient (read again at every averaging)."""
         found: dict[str, torch.nn.Parameter] = {}
         for group in self._optimizer.param_groups:
             for p in group["params"]:
@@ -107,77 +164,192 @@ class GradientAllreducer:
         self._tracked = self.trainable()
         for name, p in self._tracked.items():
             if id(p) not in self._hooked:
-                p.register_post_accumulate_grad_hook(self._make_hook(name))
+                self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
                 self._hooked.add(id(p))
 
+    # -- DDP's no_sync --------------------------------------------------------------------
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside only accumulate gradients locally (no communication); the
+        first backward pass after the block averages everything accumulated. Local."""
+        previous, self._syncing = self._syncing, False
+        try:
+            yield
+        finally:
+            self._syncing = previous
+
+    # -- hooks ----------------------------------------------------------------------------
     def _make_hook(self, name: str) -> Callable[[torch.Tensor], None]:
         def on_gradient(p: torch.Tensor) -> None:
-            if name not in self._tracked or name in self._handles:
-                return
-            self._passes[name] = self._passes.get(name, 0) + 1
-            if self._passes[name] >= self._passes_per_step:
+            if not self._in_pass:
+                self._begin_pass()
+            if (self._averaging_pass and self._size > 1 and name in self._tracked
+                    and name not in self._in_flight):
                 self._start(name, p.grad)
 
         return on_gradient
 
+    def _begin_pass(self) -> None:
+        """First gradient of a backward pass: count it and queue the end-of-pass callback."""
+        if not self._syncing:
+            self._unaveraged_local = True
+            return  # no callback: nothing to finish (the flag is reset by the next averaging)
+        k = self._passes_per_step
+        if k > 1 and self._passes and self._gradients_were_reset():
+            self._passes, self._averaged = 0, False  # zero_grad() since: a new accumulation
+        if k > 1 and self._passes >= k:
+            raise UsageError(
+                f"backward pass {self._passes + 1} since the last optimizer step, but "
+                f"hva.Sync(backward_passes_per_step={k}) averages after exactly {k}: the extra "
+                "gradient would never be averaged. Step the optimizer after every "
+                f"{k} backward passes, raise backward_passes_per_step, or accumulate the "
+                "micro-batches inside `with agent.no_sync():` (the first backward outside it averages)."
+            )
+        self._passes += 1
+        self._averaging_pass = self._passes >= k
+        self._in_pass = True
+        torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+
+    def _end_pass(self) -> None:
+        """Queued by :meth:`_begin_pass`: runs once backward has accumulated every gradient."""
+        self._in_pass = False
+        if self._averaging_pass:
+            self._averaging_pass = False
+            self.synchronize()
+            self._averaged, self._unaveraged_local = True, False
+        if self._passes_per_step > 1:
+            self._grads_seen = {n: weakref.ref(p.grad) for n, p in self._tracked.items() if p.grad is not None}
+
+    def _gradients_were_reset(self) -> bool:
+        """Whether the gradients this reducer saw at the end of the last pass were replaced
+        since (``zero_grad()`` sets them to ``None``): the passes start counting again."""
+        return any(self._tracked[n].grad is not ref() for n, ref in self._grads_seen.items()
+                   if n in self._tracked)
+
+    def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        """Optimizer step pre-hook: refuse a step whose gradients were not averaged."""
+        if args or kwargs.get("closure") is not None:
+            return  # step(closure): the closure's backward passes average; checked after
+        self._check_averaged("optimizer.step()")
+
+    def _after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        if args or kwargs.get("closure") is not None:
+            self._check_averaged("optimizer.step(closure): the closure")
+        self._passes, self._averaged, self._unaveraged_local = 0, False, False
+        self._grads_seen = {}
+
+    def _check_averaged(self, who: str) -> None:
+        if self._averaged:
+            return
+        k = self._passes_per_step
+        if self._unaveraged_local:
+            detail = ("its gradients were only accumulated inside `with agent.no_sync():`; run the "
+                      "last micro-batch's backward outside the block, which averages them")
+        elif self._passes:
+            detail = (f"it ran {self._passes} backward pass(es) since the last step, and "
+                      f"hva.Sync(backward_passes_per_step={k}) averages after {k}")
+        else:
+            detail = ("no backward pass ran since the last step (the optimizer stepped twice "
+                      "without a backward, or before the first one)")
+        raise UsageError(
+            f"{who} would step with gradients that were not averaged over the ranks: {detail}. "
+            "Call loss.backward() (the averaging ends with it) before every optimizer step."
+        )
+
     # -- reduction ---------------------------------------------------------------------------
     def _start(self, name: str, grad: torch.Tensor) -> None:
-        compressed, ctx = self._compression.compress(wire_tensor(grad))
-        handle = self._hvd.allreduce_async_(compressed, name=_GRAD_PREFIX + name, op=self._hvd.Sum)
-        self._handles[name] = (handle, ctx, grad)
+        param = self._tracked[name]
+        if grad.is_sparse or id(param) in self._sparse:
+            self._sparse.add(id(param))
+            self._in_flight[name] = self._start_sparse(name, grad)
+            return
+        wire = wire_tensor(grad)
+        if self._fp16 and wire.is_floating_point():
+            wire = torch.mul(wire, 1.0 / self._size).to(torch.float16)  # scaled before the sum
+        handle = self._hvd.allreduce_async_(wire, name=self._prefix + name, op=self._hvd.Sum)
+        self._in_flight[name] = _InFlight(grad, (handle,), wire)
+
+    def _start_sparse(self, name: str, grad: torch.Tensor) -> _InFlight:
+        if not grad.is_sparse:
+            raise UsageError(
+                f"parameter '{name}' had sparse gradients and now has a dense one: the ranks must "
+                "agree on a gradient's layout at every averaging (one nn.Embedding(sparse=...) setting)"
+            )
+        grad = grad.coalesce()
+        indices = self._hvd.allgather_async(grad.indices().t().contiguous(), name=self._prefix + name + ".indices")
+        values = self._hvd.allgather_async(grad.values().contiguous(), name=self._prefix + name + ".values")
+        return _InFlight(grad, (indices, values))
 
     def synchronize(self) -> None:
-        """Collective: finish every gradient all-reduce of this step and leave in ``p.grad``
+        """Collective: finish every gradient all-reduce of this pass and leave in ``p.grad``
         the mean over the ranks still training (``None`` where no rank had a gradient)."""
-        if self._alone:
-            return
-        for name, (_, _, grad) in self._handles.items():
-            if self._tracked[name].grad is not grad:
-                self._drain()  # the peers' matching all-reduces complete before anyone goes on
-                raise UsageError(
-                    "optimizer.zero_grad() was called after loss.backward() but before agent.step(): "
-                    "the gradients being averaged were dropped. Call zero_grad() before backward(), "
-                    "or after agent.step()."
-                )
         self.refresh()
+        if self._size == 1:  # a world of one: the mean is the gradient (as Horovod does)
+            self._in_flight.clear()
+            return
         names = list(self._tracked)
         present = []
         for name, p in self._tracked.items():
             present.append(1.0 if p.grad is not None else 0.0)
-            if name in self._handles:
+            if name in self._in_flight:
                 continue
             if p.grad is None:
-                p.grad = torch.zeros_like(p)
+                p.grad = (self._empty_sparse(p) if id(p) in self._sparse else torch.zeros_like(p))
             self._start(name, p.grad)
         checksum = float(names_checksum(names))
         presence = torch.tensor([1.0, *present, checksum, checksum * checksum], dtype=torch.float64)
         try:
             totals = self._hvd.synchronize(
-                self._hvd.allreduce_async_(presence, name=_PRESENCE_NAME, op=self._hvd.Sum)
+                self._hvd.allreduce_async_(presence, name=self._prefix + "presence", op=self._hvd.Sum)
             )
         except Exception as err:  # noqa: BLE001 - Horovod reports a shape mismatch here
+            self._in_flight.clear()  # some have no peer: waiting for them would hang
             raise self._mismatch(names) from err
         active = totals[0].item()
         if totals[-2].item() != active * checksum or totals[-1].item() != active * checksum * checksum:
+            self._in_flight.clear()
             raise self._mismatch(names)
         for name, count in zip(names, totals[1:-2].tolist()):
-            handle, ctx, grad = self._handles[name]
-            reduced = self._compression.decompress(self._hvd.synchronize(handle), ctx)
+            flight = self._in_flight.pop(name)
+            if len(flight.handles) == 2:
+                self._finish_sparse(name, flight, active)
+            else:
+                self._finish_dense(flight, active)
             if count == 0:  # no rank had a gradient: the optimizer leaves the parameter alone
                 self._tracked[name].grad = None
-                continue
+        self._drain()  # a parameter dropped from the trainable set during the pass
+
+    def _finish_dense(self, flight: _InFlight, active: float) -> None:
+        reduced = self._hvd.synchronize(flight.handles[0])
+        grad = flight.grad
+        if self._fp16 and reduced.dtype == torch.float16:
+            reduced = reduced.to(grad.dtype)
+            if active != self._size:
+                reduced.mul_(self._size / active)
+        else:
             reduced.div_(active)
-            if reduced.data_ptr() != grad.data_ptr():
-                grad.copy_(reduced)
-        self._handles.clear()
-        self._passes.clear()
+        if reduced.data_ptr() != grad.data_ptr():
+            grad.copy_(reduced)
+
+    def _finish_sparse(self, name: str, flight: _InFlight, active: float) -> None:
+        indices = self._hvd.synchronize(flight.handles[0])
+        values = self._hvd.synchronize(flight.handles[1])
+        grad = flight.grad
+        mean = torch.sparse_coo_tensor(indices.t(), values / active, grad.shape).coalesce()
+        self._tracked[name].grad = mean
+
+    @staticmethod
+    def _empty_sparse(p: torch.Tensor) -> torch.Tensor:
+        return torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64),
+                                       torch.zeros((0, *p.shape[1:]), dtype=p.dtype), p.shape)
 
     def _drain(self) -> None:
-        """Wait for every all-reduce in flight and forget them (their results are dropped)."""
-        for handle, _, _ in self._handles.values():
-            self._hvd.synchronize(handle)
-        self._handles.clear()
-        self._passes.clear()
+        """Wait for every all-reduce still in flight and forget them (results dropped), so the
+        peers' matching operations complete before anyone raises."""
+        for flight in self._in_flight.values():
+            for handle in flight.handles:
+                self._hvd.synchronize(handle)
+        self._in_flight.clear()
 
     def _mismatch(self, names: list[str]) -> ModelMismatchError:
         return ModelMismatchError(
@@ -186,10 +358,10 @@ class GradientAllreducer:
             "param groups to its optimizer, at the same step."
         )
 
-    def check_no_pending_step(self) -> None:
-        """Raise :class:`UsageError` when gradients of an unfinished step are in flight. Local."""
-        if self._handles:
-            raise UsageError(
-                "agent.close() was called between loss.backward() and agent.step(): finish the "
-                "step (call agent.step()) before closing the agent."
-            )
+    def close(self) -> None:
+        """Remove every hook this reducer added (parameters and optimizer). Local."""
+        self._in_flight.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._hooked.clear()

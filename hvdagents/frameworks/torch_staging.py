@@ -53,15 +53,18 @@ class PinnedStaging:
         _wait(params)
         return host.numpy().copy()
 
-    def scatter(self, values: np.ndarray, params: Sequence[torch.Tensor]) -> None:
-        """Write ``values`` (flat, in order) into ``params`` through the pinned buffer; returns
-        once every copy has landed (the buffer is reused by the next call)."""
+    def scatter(self, values: np.ndarray, params: Sequence[torch.Tensor],
+                write: Sequence[bool] | None = None) -> None:
+        """Write ``values`` (flat, in order) into ``params`` through the pinned buffer (only
+        those whose ``write`` flag is true, when given); returns once every copy has landed
+        (the buffer is reused by the next call)."""
         host = self._buffer(values.size)
         host.numpy()[:] = values
         offset = 0
         with torch.no_grad():
-            for p in params:
+            for i, p in enumerate(params):
                 n = p.numel()
-                p.copy_(host[offset:offset + n].view_as(p), non_blocking=True)  # casts to p's dtype
+                if write is None or write[i]:
+                    p.copy_(host[offset:offset + n].view_as(p), non_blocking=True)  # casts to p's dtype
                 offset += n
         _wait(params)

@@ -208,8 +208,8 @@ agent = hva.TorchAgent(model, opt, strategy=hva.Sync())
 if ctx.rank == 1:
     model.head.bias.requires_grad_(False)
 opt.zero_grad()
-loss_of(model, *batch(0, ctx.rank)).backward()
-try:
+try:  # the mismatch is found when backward ends, where the gradients are averaged
+    loss_of(model, *batch(0, ctx.rank)).backward()
     agent.step()
     message = "no error"
 except hva.ModelMismatchError as err:
