@@ -151,17 +151,19 @@ def test_async_strategies_reach_one_consensus_across_hosts(two_hosts, strategy):
 
 
 # One rank per host; the rank on node2 does every step's forward and backward twice (compute,
-# not sleep). Each phase runs 4 s; measured here: Downpour's slow rank 240 -> 140 steps while
-# the fast one kept its pace (253 -> 269); Sync held both back (127 -> 101).
+# not sleep). Each phase runs 4 s, each rank on its own clock (the script has no collective of its
+# own); measured here: Downpour's slow rank 240 -> 140 steps while the fast one kept its pace
+# (253 -> 269). What is asserted are ratios inside one phase of one job, never the machine's pace.
 @pytest.mark.parametrize("strategy", ["sync", "downpour", "easgd", "gossip"])
 def test_a_rank_slowed_by_compute_on_another_host_does_not_slow_the_others(two_hosts, strategy):
     job = two_hosts.run(two_hosts.mpirun(SCRIPTS / "straggler_compute.py", 1, [strategy, "4"]), timeout=180)
     (found,) = job.check().results()
-    (fast_before, slow_before), (fast_after, slow_after) = found["balanced"], found["straggler"]
+    (fast_before, _), (fast_after, slow_after) = found["balanced"], found["straggler"]
     assert found["identical"] and found["finite"]  # one consensus model after close()
     if strategy == "sync":
-        assert fast_before == slow_before and fast_after == slow_after
-        assert fast_after <= 0.9 * fast_before, found  # held back: what the async ones must not be
+        # held back: the fast rank makes the slowed rank's steps (lock step from the library's
+        # all-reduces), up to the last step or two as each stops on its own clock
+        assert abs(fast_after - slow_after) <= max(3, 0.1 * slow_after), found
     else:
         # the straggler really is one: slower than the other rank by a clear margin (against its own
         # balanced pace it need not be: on 2 shared cores that pace is already uneven, e.g. 217/176)

@@ -226,14 +226,19 @@ class GradientAllreducer:
         return any(self._tracked[n].grad is not ref() for n, ref in self._grads_seen.items()
                    if n in self._tracked)
 
+    @staticmethod
+    def _has_closure(args: tuple, kwargs: dict) -> bool:
+        # A step hook's ``args`` start with the optimizer itself: step(closure) -> (opt, closure).
+        return len(args) > 1 and args[1] is not None or kwargs.get("closure") is not None
+
     def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         """Optimizer step pre-hook: refuse a step whose gradients were not averaged."""
-        if args or kwargs.get("closure") is not None:
+        if self._has_closure(args, kwargs):
             return  # step(closure): the closure's backward passes average; checked after
         self._check_averaged("optimizer.step()")
 
     def _after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
-        if args or kwargs.get("closure") is not None:
+        if self._has_closure(args, kwargs):
             self._check_averaged("optimizer.step(closure): the closure")
         self._passes, self._averaged, self._unaveraged_local = 0, False, False
         self._grads_seen = {}
@@ -335,13 +340,15 @@ class GradientAllreducer:
         indices = self._hvd.synchronize(flight.handles[0])
         values = self._hvd.synchronize(flight.handles[1])
         grad = flight.grad
-        mean = torch.sparse_coo_tensor(indices.t(), values / active, grad.shape).coalesce()
+        mean = torch.sparse_coo_tensor(indices.t(), values / active, grad.shape,
+                                       check_invariants=False).coalesce()  # indices from the ranks' own
         self._tracked[name].grad = mean
 
     @staticmethod
     def _empty_sparse(p: torch.Tensor) -> torch.Tensor:
         return torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64),
-                                       torch.zeros((0, *p.shape[1:]), dtype=p.dtype), p.shape)
+                                       torch.zeros((0, *p.shape[1:]), dtype=p.dtype), p.shape,
+                                       check_invariants=False)
 
     def _drain(self) -> None:
         """Wait for every all-reduce still in flight and forget them (results dropped), so the

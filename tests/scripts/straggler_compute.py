@@ -1,8 +1,9 @@
 """A rank slowed x2 by compute: two phases of ``budget`` seconds each in one job, balanced,
 then with the last rank doing every step's forward and backward twice (the second on a
 twin of the model, outside the agent: twice the compute, no sleep). Each rank trains a
-fresh agent per phase and stops on its own clock (Sync: all stop together). Rank 0 prints
-the steps per rank in each phase.
+fresh agent per phase and stops on its own clock, with no collective of the script's own
+(under Sync any lock-step comes from the library). Rank 0 prints the steps per rank in each
+phase.
 """
 
 import copy
@@ -37,12 +38,7 @@ def phase(slowed: bool) -> tuple[int, bytes]:
     twin = copy.deepcopy(model) if slowed and ctx.rank == ctx.size - 1 else None
     ctx.comm.Barrier()
     start, steps = time.monotonic(), 0
-    while True:
-        done = time.monotonic() - start > budget
-        if chosen.synchronous:
-            done = ctx.comm.allreduce(done, op=__import__("mpi4py").MPI.LOR)
-        if done:
-            break
+    while time.monotonic() - start <= budget:
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         if twin is not None:

@@ -394,7 +394,7 @@ def follow(strategy):
         opt.step()
     shared = agent.num_parameters == sum(p.numel() for p in model.parameters())
     agent.close()
-    return model, frozen_kept, float((model[0].weight - frozen_at_start).abs().max()), shared
+    return model, frozen_kept, float((model[0].weight.detach() - frozen_at_start).abs().max()), shared
 
 
 def follow_reference():

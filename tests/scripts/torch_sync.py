@@ -118,10 +118,12 @@ for s in range(STEPS):
     agent7.step()
 report("backward_passes", max_rel=float(np.max(np.abs(flat(model7) - sync_params)) / np.max(np.abs(sync_params))))
 
-# 8. zero_grad() between backward() and step() is explained, not an AttributeError
+# 8. zero_grad() between backward() and step(): the averaging ended with backward, so nothing is
+#    in flight; the step then has no gradients and changes nothing, as in one process.
 model8 = make_model(seed=1)
 optimizer8 = torch.optim.SGD(model8.parameters(), lr=LR)
 agent8 = hva.TorchAgent(model8, optimizer8, strategy=hva.Sync())
+before8 = flat(model8)
 torch.nn.functional.mse_loss(model8(X[:4]), Y[:4]).backward()
 optimizer8.zero_grad()
 try:
@@ -129,4 +131,4 @@ try:
     message = "no error"
 except hva.UsageError as err:
     message = str(err)
-report("zero_grad_misuse", message=message)
+report("zero_grad_before_step", message=message, unchanged=bool(np.array_equal(before8, flat(model8))))
