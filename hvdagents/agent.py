@@ -112,7 +112,7 @@ class Agent(ABC):
                 f"hva.Gossip(); got {type(self.strategy).__name__}"
             )
         self._runner: Runner = make_runner(self.strategy)
-        if self.strategy.synchronous:
+        if self._runner.uses_horovod:
             self._hvd = horovod_binding(framework)
         else:
             from .strategies.weak import mpi_world_comm
@@ -311,7 +311,7 @@ class Agent(ABC):
         if self._closed:
             return
         self._leave()
-        if self.strategy.synchronous and self.context.size > 1:
+        if self._runner.uses_horovod and self.context.size > 1:
             self._take_longest_run()
         self._runner.finish(self)
         self._agree_on_state()

@@ -20,7 +20,7 @@ from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..collectives import bcast_array
 from ..errors import UsageError
 from ..runtime import horovod_binding
-from ..strategies.config import Strategy
+from ..strategies.config import Strategy, Sync
 
 __all__ = ["KerasAgent", "broadcast_variables", "average_values"]
 
@@ -79,6 +79,14 @@ def distributed_outermost(optimizer: keras.optimizers.Optimizer, compression: st
     return DistributedOptimizer(optimizer, compression=compression)
 
 
+class _KeepWrapper:
+    """What :meth:`KerasAgent.average_gradients` returns: closing keeps the distributed
+    optimizer in the model (a closed agent's model still trains, averaged, if fit again)."""
+
+    def close(self) -> None:
+        return None
+
+
 class KerasAgent(Agent):
     """Make a compiled Keras 3 model a distributed agent. Collective constructor.
 
@@ -101,19 +109,11 @@ class KerasAgent(Agent):
             raise UsageError(
                 "KerasAgent needs a built model: give it an input shape (keras.Input) or call model.build()"
             )
-        if self.strategy.averages_gradients and self.strategy.backward_passes_per_step != 1:
-            raise ValueError(
-                "Sync.backward_passes_per_step must be 1 with KerasAgent; for gradient accumulation set "
-                f"gradient_accumulation_steps on the Keras optimizer; got {self.strategy.backward_passes_per_step}"
-            )
         self.model = model
         variables = model.trainable_variables
         wide = {np.dtype(v.dtype).itemsize > 4 for v in variables}
         self._dtype = np.dtype(np.float64 if True in wide else np.float32)
         check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
-        if self.strategy.averages_gradients:
-            # The same hand-over Keras' compile() makes for LossScaleOptimizer.
-            model.optimizer = distributed_outermost(model.optimizer, self.strategy.compression)
         model.jit_compile = False
         if model.train_function is not None:
             model.make_train_function(force=True)
@@ -138,17 +138,34 @@ class KerasAgent(Agent):
             if self.context.rank != root:
                 v.assign(value)
 
+    def average_gradients(self, strategy: Sync) -> _KeepWrapper:
+        """Wrap the model's optimizer in :class:`~hvdagents.keras.DistributedOptimizer` (the
+        hand-over Keras' compile() makes for ``LossScaleOptimizer``), outermost, so every
+        train step averages the gradients. Called by Sync's runner once the state was
+        broadcast; the inner optimizer, already built, keeps its variables."""
+        if strategy.backward_passes_per_step != 1:
+            raise ValueError(
+                "Sync.backward_passes_per_step must be 1 with KerasAgent; for gradient accumulation set "
+                f"gradient_accumulation_steps on the Keras optimizer; got {strategy.backward_passes_per_step}"
+            )
+        self.model.optimizer = distributed_outermost(self.model.optimizer, strategy.compression)
+        self.model.optimizer.build(self.model.trainable_variables)
+        if self.model.train_function is not None:
+            self.model.make_train_function(force=True)
+        return _KeepWrapper()
+
     # -- training -------------------------------------------------------------------------
     def callbacks(self) -> list[keras.callbacks.Callback]:
-        """The callbacks :meth:`fit` adds, in order: metric averaging (synchronous strategies
-        only: asynchronous agents do not wait for each other, so each reports its own), then
-        the strategy's step."""
+        """The callbacks :meth:`fit` adds, in order: metric averaging (strategies that
+        communicate through Horovod only: asynchronous agents do not wait for each other, so
+        each reports its own), then the strategy's step: after every batch where the runner
+        acts after a step, else counted from the optimizer's iterations (no batch hook keeps
+        Keras' asynchronous callback dispatch)."""
         from ..keras.callbacks import MetricAverageCallback, StrategyCallback, SyncStepCounter
 
-        if self.strategy.averages_gradients:
-            return [MetricAverageCallback(), SyncStepCounter(self)]
-        averaging = [MetricAverageCallback()] if self.strategy.synchronous else []
-        return [*averaging, StrategyCallback(self)]
+        averaging = [MetricAverageCallback()] if self._runner.uses_horovod else []
+        step = StrategyCallback(self) if self._runner.acts_after_step else SyncStepCounter(self)
+        return [*averaging, step]
 
     def fit(self, x: Any = None, y: Any = None, *, callbacks: Sequence[Any] = (), verbose: Any = "auto",
             checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> keras.callbacks.History:
@@ -170,7 +187,7 @@ class KerasAgent(Agent):
         self._check_open()
         from ..keras.callbacks import AgentCheckpointCallback
 
-        if self.strategy.synchronous and self.context.size > 1:
+        if self._runner.uses_horovod and self.context.size > 1:  # collective steps: even shards
             x, y, kwargs = self._even_out(x, y, kwargs)
         added = self.callbacks()
         if checkpoint is not None:

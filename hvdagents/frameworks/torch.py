@@ -24,7 +24,7 @@ import torch
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..collectives import bcast_array, bcast_tree
 from ..errors import ModelMismatchError, UsageError
-from ..strategies.config import Strategy
+from ..strategies.config import Strategy, Sync
 from .torch_grads import GradientAllreducer, names_checksum, wire_tensor
 from .torch_staging import PinnedStaging, needs_staging
 
@@ -117,13 +117,7 @@ class TorchAgent(Agent):
         self._staging: PinnedStaging | None = None  # made when parameters are on a GPU
         check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
         self._broadcast_state()
-        self._gradients: GradientAllreducer | None = None
-        if self.strategy.averages_gradients:
-            self._gradients = GradientAllreducer(
-                self._hvd, model, optimizer,
-                compression=self.strategy.compression,
-                backward_passes_per_step=self.strategy.backward_passes_per_step,
-            )
+        self._gradients: GradientAllreducer | None = None  # made by Sync's runner at start
         # The strategy acts after every local step, whoever steps the optimizer.
         self._step_hook = optimizer.register_step_post_hook(lambda *_: self._after_local_step())
         _OPEN_AGENTS[optimizer] = True
@@ -232,6 +226,15 @@ class TorchAgent(Agent):
                     if reduced.data_ptr() != t.data_ptr():
                         t.copy_(reduced)
 
+    def average_gradients(self, strategy: Sync) -> GradientAllreducer:
+        """Hooks that leave the mean gradient in ``.grad`` when every backward pass ends and
+        check every optimizer step (see :mod:`.torch_grads`); closed by the runner."""
+        self._gradients = GradientAllreducer(
+            self._hvd, self.model, self.optimizer,
+            compression=strategy.compression, backward_passes_per_step=strategy.backward_passes_per_step,
+        )
+        return self._gradients
+
     def _leave(self) -> None:
         """Collective over all ranks (see :meth:`Agent.close`): under ``Sync`` and
         ``LocalSGD``, wait in Horovod's join until every rank has closed."""
@@ -248,9 +251,7 @@ class TorchAgent(Agent):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
-        if self._gradients is not None:
-            self._gradients.close()
-        self._step_hook.remove()
+        self._step_hook.remove()  # the gradient hooks went with the runner's finish
         _OPEN_AGENTS.pop(self.optimizer, None)
 
     # -- state beside the trainable parameters (buffers, frozen parameters) -------------------------

@@ -56,7 +56,10 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self._hvd = horovod_binding("tensorflow")
 
     def build(self, var_list: list) -> None:
-        self.inner_optimizer.build(var_list)
+        if self.built:
+            return
+        if not self.inner_optimizer.built:  # a built inner optimizer keeps its variables
+            self.inner_optimizer.build(var_list)
         super().build(var_list)
 
     @property

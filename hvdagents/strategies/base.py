@@ -8,8 +8,11 @@ An agent turns a strategy's settings (:mod:`.config`) into a *runner* with
 - ``finish(params)``: collective, once; leaves one consensus model on every rank.
 
 Runners see the model only through :class:`ParameterAccess`, which the framework adapters
-(:mod:`hvdagents.frameworks`) implement: host (NumPy) copies for the one-sided path, and
-the framework's own Horovod binding for the all-reduce path.
+(:mod:`hvdagents.frameworks`) implement: host (NumPy) copies for the one-sided path, the
+framework's own Horovod binding for the all-reduce path, and a gradient reducer (the
+adapter's hooks) for ``Sync``. A runner states what it needs of the agent in two class
+attributes, so that no agent branches on a strategy's settings: ``uses_horovod`` and
+``acts_after_step``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,16 @@ from typing import Any, Optional, Protocol
 
 import numpy as np
 
-from .config import LocalSGD, Strategy
+from .config import LocalSGD, Strategy, Sync
 
-__all__ = ["ParameterAccess", "RunnerState", "Runner", "SyncRunner", "LocalSGDRunner"]
+__all__ = ["GradientReducer", "ParameterAccess", "RunnerState", "Runner", "SyncRunner", "LocalSGDRunner"]
+
+
+class GradientReducer(Protocol):
+    """What an adapter returns from :meth:`ParameterAccess.average_gradients`."""
+
+    def close(self) -> None:
+        """Stop averaging: remove every hook or wrapper that was added. Local."""
 
 
 class ParameterAccess(Protocol):
@@ -45,6 +55,10 @@ class ParameterAccess(Protocol):
     def average_parameters(self) -> None:
         """Collective: replace every parameter by its mean over all ranks (grouped all-reduce)."""
 
+    def average_gradients(self, strategy: Sync) -> GradientReducer:
+        """Collective from then on: average the gradients over the ranks before every
+        optimizer step, with ``strategy``'s settings, until the returned object is closed."""
+
 
 @dataclass
 class RunnerState:
@@ -62,7 +76,16 @@ class RunnerState:
 
 
 class Runner(ABC):
-    """Applies one strategy to one agent's parameters. One per agent."""
+    """Applies one strategy to one agent's parameters. One per agent.
+
+    ``uses_horovod``: the agent starts its framework's Horovod binding and the runner's
+    collectives go through it (the asynchronous runners use MPI windows alone: Horovod's
+    background thread slows one-sided calls). ``acts_after_step``: :meth:`after_step` does
+    more than count, so a Keras agent calls it after every batch rather than from the
+    optimizer's iteration counter."""
+
+    uses_horovod = True
+    acts_after_step = True
 
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
@@ -95,12 +118,28 @@ class Runner(ABC):
 
 
 class SyncRunner(Runner):
-    """Gradients are averaged before each step by the adapter's Horovod optimizer; the
-    parameters therefore never diverge and there is nothing to do after a step."""
+    """Gradients are averaged before each step by the adapter's gradient reducer (made at
+    :meth:`start`, closed at :meth:`finish`); the parameters therefore never diverge and
+    there is nothing to do after a step but count it."""
+
+    strategy: Sync
+    acts_after_step = False
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__(strategy)
+        self._reducer: Optional[GradientReducer] = None
+
+    def start(self, params: ParameterAccess) -> None:
+        self._reducer = params.average_gradients(self.strategy)
 
     def after_step(self, params: ParameterAccess) -> None:
         self.state.step += 1
         self.state.last_sync_step = self.state.step
+
+    def finish(self, params: ParameterAccess) -> None:
+        if self._reducer is not None:
+            self._reducer.close()
+            self._reducer = None
 
 
 class LocalSGDRunner(Runner):

@@ -35,24 +35,23 @@ def _check_staleness(owner: str, value: Optional[int]) -> None:
 
 @dataclass(frozen=True)
 class Strategy:
-    """Base of all strategy settings. ``synchronous`` tells the two families apart (the
-    synchronous ones communicate collectively, through Horovod); ``averages_gradients``
-    marks the one whose agents all-reduce gradients before each step (``Sync``)."""
+    """Base of all strategy settings. ``synchronous`` tells the two families apart, for
+    readers (the synchronous ones communicate collectively, through Horovod); what an agent
+    does for a strategy is its runner's business (:mod:`.registry`)."""
 
     synchronous = True
-    averages_gradients = False
 
 
 @dataclass(frozen=True)
 class Sync(Strategy):
     """Gradient all-reduce every step (Horovod ring all-reduce, data parallel).
 
-    ``compression``: ``None`` or ``"fp16"`` (gradients cast to float16 on the wire).
-    ``backward_passes_per_step``: gradients of this many backward passes are accumulated
-    locally before one all-reduce and one optimizer step.
+    ``compression``: ``None`` or ``"fp16"`` (gradients scaled by 1/size, then cast to
+    float16 on the wire). ``backward_passes_per_step``: gradients of this many backward
+    passes are accumulated locally before one all-reduce and one optimizer step (PyTorch:
+    exactly that many; ``agent.no_sync()`` is the flexible form).
     """
 
-    averages_gradients = True
     compression: Optional[str] = None
     backward_passes_per_step: int = 1
 

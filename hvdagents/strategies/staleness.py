@@ -32,6 +32,10 @@ class StalenessBound(Runner):
         self.clock: Optional[ClockWindow] = None
 
     @property
+    def uses_horovod(self) -> bool:  # type: ignore[override]
+        return self.inner.uses_horovod
+
+    @property
     def state(self) -> RunnerState:  # type: ignore[override]
         return self.inner.state
 

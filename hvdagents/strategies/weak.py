@@ -49,6 +49,8 @@ class AsyncRunner(Runner):
     ``after_step`` is local to the calling agent apart from one-sided window operations.
     """
 
+    uses_horovod = False
+
     def __init__(self, strategy: Strategy, exchange_type: type[Exchange]) -> None:
         super().__init__(strategy)
         self._exchange_type = exchange_type
