@@ -40,10 +40,10 @@ def _pins(path):
 @pytest.mark.parametrize("variant", plan.VARIANTS)
 def test_every_package_setup_installs_is_pinned(variant):
     pins = _pins(plan.constraints_file(variant))
-    script = (TOOLS / "setup.sh").read_text()
+    script = (TOOLS / "setup.sh").read_text().replace("\\\n", " ")  # continuation lines joined
     installed = set()
-    for line in re.findall(r"pip_install -c \"\$CONSTRAINTS\"([^\n]*(?:\\\n[^\n]*)*)", script):
-        for word in line.replace("\\\n", " ").split():
+    for line in re.findall(r"pip_install -c \"\$CONSTRAINTS\"([^\n]*)", script):
+        for word in line.split("#")[0].split():
             word = word.strip('"')
             if word.startswith("-") or not re.match(r"^[A-Za-z]", word):
                 continue

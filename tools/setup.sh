@@ -82,7 +82,7 @@ else
     pip_install -c "$CONSTRAINTS" torch tensorflow-cpu
 fi
 pip_install -c "$CONSTRAINTS" numpy scikit-learn pytest pytest-timeout tqdm matplotlib gymnasium ruff \
-    cloudpickle psutil pyyaml packaging cffi
+    cloudpickle psutil pyyaml packaging cffi transformers  # transformers: test-only (library models)
 # mpi4py compiled against the MPI on PATH (a binary wheel may load another libmpi than the one
 # Horovod is built with); again, and Horovod rebuilt, when that MPI changed.
 MPI_STAMP=$VENV/.hvdagents-mpi
