@@ -163,12 +163,12 @@ class Agent(ABC):
     def _set_state_arrays(self, arrays: list[np.ndarray]) -> None:
         """Load arrays shaped as :meth:`_state_arrays` returned into the model (casting back)."""
 
-    def _leave(self) -> None:
+    def _wait_for_every_rank_to_close(self) -> None:
         """Collective over all ranks, first step of :meth:`close`: a rank that ran out of data
         waits here for the others (adapters that support uneven data override it)."""
 
-    def _take_longest_run(self) -> None:
-        """Collective, after :meth:`_leave`: when the ranks made different numbers of steps
+    def _adopt_state_of_rank_with_most_steps(self) -> None:
+        """Collective, after :meth:`_wait_for_every_rank_to_close`: when the ranks made different numbers of steps
         (uneven data), every rank takes the model, optimizer and strategy state of the rank
         that made the most (the lowest such rank): it took part in every step, the others
         stopped updating when they ran out of data. Nothing moves when the counts agree."""
@@ -310,9 +310,9 @@ class Agent(ABC):
         """
         if self._closed:
             return
-        self._leave()
+        self._wait_for_every_rank_to_close()
         if self._runner.uses_horovod and self.context.size > 1:
-            self._take_longest_run()
+            self._adopt_state_of_rank_with_most_steps()
         self._runner.finish(self)
         self._agree_on_state()
         self._closed = True

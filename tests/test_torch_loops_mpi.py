@@ -17,7 +17,7 @@ def checks():
 
 
 @pytest.mark.parametrize("case", ["clip", "grad_scaler", "two_backwards", "no_sync", "gan", "sparse",
-                                  "channels_last", "lbfgs"])
+                                  "channels_last", "lbfgs", "compiled"])
 def test_the_loop_equals_one_process_on_the_full_batch(checks, case):
     result = checks[case]
     assert result["max_rel"] < EXACT, result

@@ -235,7 +235,7 @@ class TorchAgent(Agent):
         )
         return self._gradients
 
-    def _leave(self) -> None:
+    def _wait_for_every_rank_to_close(self) -> None:
         """Collective over all ranks (see :meth:`Agent.close`): under ``Sync`` and
         ``LocalSGD``, wait in Horovod's join until every rank has closed."""
         if self._hvd is not None and self.context.size > 1:

@@ -425,3 +425,16 @@ report("follow_localsgd", frozen_kept=kept, unfrozen_moved=moved, identical=iden
        max_rel=rel(model, follow_reference()))
 model, kept, moved, shared = follow(hva.EASGD(alpha=0.5, period=1))
 report("follow_easgd", frozen_kept=kept, unfrozen_moved=moved, identical=identical(model), shared=shared)
+
+
+# 13. A torch.compile'd model (TorchDynamo + AOT autograd; the aot_eager backend needs no C++
+#     compiler): the parameters' hooks and the end-of-backward callback still run.
+def compiled(model, opt, rank):
+    step = torch.compile(model, backend="aot_eager")
+    for s in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(step(X[rows(s, rank)]), Y[rows(s, rank)]).backward()
+        opt.step()
+
+
+compare("compiled", compiled, seed=16)
