@@ -175,7 +175,8 @@ def init(*, timeline: str | os.PathLike | None = None, autotune: bool | None = N
     Raises :class:`ThreadLevelError` when MPI grants less than ``MPI_THREAD_MULTIPLE``, and
     :class:`LauncherError` for launches that cannot work (see :func:`check_launch`).
     A rank that dies of an uncaught exception afterwards prints its traceback prefixed with
-    its rank and aborts the whole job (``MPI_Abort``).
+    its rank and aborts the whole job (``MPI_Abort``). Ranks other than 0 import TensorFlow
+    without its start-up notices (:mod:`hvdagents.quiet`); everything else they print is kept.
     """
     global _context
     with _lock:
@@ -228,6 +229,10 @@ def init(*, timeline: str | os.PathLike | None = None, autotune: bool | None = N
         )
         if size > 1:
             _install_abort_hook(_context)
+        if rank != 0:  # only rank 0 speaks: TensorFlow's start-up notices once, not per rank
+            from .quiet import quiet_tensorflow_import
+
+            quiet_tensorflow_import()
         from .devices import pin_process
 
         pin_process(local_rank, local_size)  # before any framework starts CUDA

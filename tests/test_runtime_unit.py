@@ -171,3 +171,29 @@ def test_import_has_no_side_effects():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env=dict(os.environ)).stdout
     assert out.split() == ["False", "False", "False"]
+
+
+def test_the_quiet_import_drops_only_tensorflows_start_up_notices(capfd):
+    import os
+    import types
+
+    from hvdagents.quiet import _QuietLoader
+
+    class Noisy:
+        def create_module(self, spec):
+            return None
+
+        def exec_module(self, module):
+            os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+            os.write(2, b"I0000 00:00:1796399246.377566   17119 port.cc:153] oneDNN custom operations are on.\n")
+            os.write(2, b"E0000 real trouble while importing\n")
+            raise ImportError("the import failed")
+
+    try:
+        _QuietLoader(Noisy()).exec_module(types.ModuleType("tensorflow"))
+    except ImportError:
+        pass
+    else:
+        raise AssertionError("the loader swallowed the import's exception")
+    err = capfd.readouterr().err
+    assert err == "E0000 real trouble while importing\n"
