@@ -34,13 +34,22 @@ def test_metric_average_reports_the_mean_over_ranks(checks):
     assert checks["metric_average"]["logs"] == pytest.approx({"loss": 1.5, "acc": 5.0})
 
 
-def test_warmup_learning_rate_follows_goyal_formula(checks):
-    size = checks["warmup"]["size"]
-    for key, lr in checks["warmup"]["lr"].items():
+def test_warmup_learning_rate_follows_horovods_formula_batch_by_batch(checks):
+    # Horovod's LearningRateWarmupCallback (horovod/_keras/callbacks.py): initial_lr is the
+    # scaled rate, reached from initial_lr / size; set before each batch of the warm-up epochs
+    size, seen = checks["warmup"]["size"], checks["warmup"]["lr"]
+    for key in ("0.0", "0.5", "1.0", "1.9"):
         epoch, batch = map(int, key.split("."))
-        expected = 0.1 * (1 + (size - 1) * min((epoch + batch / 10) / 2, 1.0))
-        assert lr == pytest.approx(expected, rel=1e-6)
-        assert lr == pytest.approx(warmup_learning_rate(0.1, size, 2, epoch + batch / 10), rel=1e-6)
+        expected = 0.1 / size * ((epoch + (batch + 1) / 10) * (size - 1) / 2 + 1)
+        assert seen[key] == pytest.approx(expected, rel=1e-6)
+        assert seen[key] == pytest.approx(warmup_learning_rate(0.1, size, 2, epoch, batch, 10), rel=1e-6)
+    assert seen["0.0"] < 0.1 / size * 1.1  # starts near initial_lr / size, not near initial_lr
+    assert seen["1.9"] == pytest.approx(0.1, rel=1e-6)  # the scaled rate, reached exactly
+    assert seen["2.0"] == seen["2.5"] == seen["1.9"]  # after the warm-up the rate is left alone
+
+
+def test_warmup_on_data_of_unknown_length_is_refused(checks):
+    assert "Please specify the steps_per_epoch parameter" in checks["warmup"]["unknown_length"]
 
 
 def test_checkpoint_resume_equals_straight_training(checks):

@@ -4,8 +4,9 @@ For users who call ``model.fit`` themselves (``KerasAgent.fit`` adds what it nee
 
 - :class:`BroadcastGlobalVariablesCallback`: rank 0's weights and optimizer state to all;
 - :class:`MetricAverageCallback`: epoch metrics averaged over ranks (put it first);
-- :class:`LearningRateWarmupCallback`: linear warm-up from lr to lr * size (Goyal et al. 2017);
-- :class:`LearningRateScheduleCallback`: a multiplier of the initial lr by epoch;
+- :class:`LearningRateWarmupCallback`: Horovod's warm-up, from ``initial_lr / size`` to the
+  scaled ``initial_lr`` (Goyal et al. 2017);
+- :class:`LearningRateScheduleCallback`: Horovod's schedule, ``initial_lr * multiplier(epoch)``;
 - :class:`RankZeroCheckpoint`: rank 0 saves the model atomically after every epoch;
 - :class:`StrategyCallback`: runs an agent's strategy after every batch (async sharing).
 """
@@ -28,6 +29,7 @@ __all__ = [
     "LearningRateWarmupCallback",
     "LearningRateScheduleCallback",
     "RankZeroCheckpoint",
+    "BestModelCheckpoint",
     "StrategyCallback",
     "SyncStepCounter",
     "AgentCheckpointCallback",
@@ -39,24 +41,42 @@ __all__ = [
 class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     """Collective at train begin: every rank takes ``root_rank``'s weights and optimizer
     variables (the optimizer is built first so its slots exist). Needed once per ``fit``
-    when ranks initialise differently."""
+    when ranks initialise differently. Horovod's arguments: ``device`` is accepted and has
+    no effect (TensorFlow places the broadcast); ``local_variables`` (a variable or a list)
+    are left out of the broadcast. Horovod broadcasts after the first batch; here it is
+    before it, so the first batch already starts from ``root_rank``'s state."""
 
-    def __init__(self, root_rank: int = 0) -> None:
+    def __init__(self, root_rank: int = 0, device: str = "", local_variables: Any = None) -> None:
         super().__init__()
         self.root_rank = root_rank
+        self.device = device
+        if local_variables is None:
+            local_variables = []
+        elif isinstance(local_variables, keras.Variable) or hasattr(local_variables, "assign"):
+            local_variables = [local_variables]
+        if not all(hasattr(v, "assign") for v in local_variables):
+            raise ValueError("All local variables must be of tf.Variable type.")
+        self.local_variables = list(local_variables)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         optimizer = self.model.optimizer
         check_loss_scale_order(optimizer)
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
-        broadcast_variables(list(self.model.weights) + list(optimizer.variables), self.root_rank)
+        local = {id(v) for v in self.local_variables}
+        shared = [v for v in list(self.model.weights) + list(optimizer.variables) if id(v) not in local]
+        broadcast_variables(shared, self.root_rank)
 
 
 class MetricAverageCallback(keras.callbacks.Callback):
     """Collective at epoch end: replaces each numeric value in ``logs`` by its mean over
     ranks, in place, so callbacks after it (History, checkpoints, early stopping) see the
-    job's metrics rather than rank 0's shard. Put it first in the callback list."""
+    job's metrics rather than rank 0's shard. Put it first in the callback list.
+    ``device`` (Horovod's) is accepted and has no effect."""
+
+    def __init__(self, device: str = "") -> None:
+        super().__init__()
+        self.device = device
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if not logs:
@@ -85,65 +105,129 @@ def check_loss_scale_order(optimizer: Any) -> None:
         )
 
 
-def warmup_learning_rate(base_lr: float, size: int, warmup_epochs: float, epoch: float) -> float:
-    """Goyal et al. (2017) linear warm-up: ``base_lr`` at epoch 0 rising linearly to
-    ``base_lr * size`` at ``warmup_epochs`` (``epoch`` may be fractional), then flat."""
-    progress = min(max(epoch, 0.0) / warmup_epochs, 1.0) if warmup_epochs > 0 else 1.0
-    return base_lr * (1.0 + (size - 1) * progress)
+def warmup_learning_rate(initial_lr: float, size: int, warmup_epochs: float, epoch: int, batch: int,
+                         steps_per_epoch: int) -> float:
+    """Horovod's warm-up (``horovod/_keras/callbacks.py``): the rate set before ``batch`` of
+    ``epoch``, ``initial_lr / size * ((epoch + (batch + 1) / steps_per_epoch) * (size - 1) /
+    warmup_epochs + 1)``. ``initial_lr`` is the already scaled rate (e.g. ``0.001 * size``):
+    the warm-up climbs from about ``initial_lr / size`` and reaches ``initial_lr`` exactly at
+    the last batch of the last warm-up epoch (Goyal et al. 2017)."""
+    progress = epoch + (batch + 1) / steps_per_epoch
+    return initial_lr / size * (progress * (size - 1) / warmup_epochs + 1)
 
 
-class LearningRateWarmupCallback(keras.callbacks.Callback):
-    """Set the learning rate at every batch of the first ``warmup_epochs`` epochs to
-    :func:`warmup_learning_rate` of the fractional epoch. ``steps_per_epoch`` is taken from
-    ``fit``'s params when not given. Local: no communication."""
-
-    def __init__(self, initial_lr: float, warmup_epochs: float = 5, steps_per_epoch: int | None = None,
-                 verbose: int = 0) -> None:
-        super().__init__()
-        if initial_lr <= 0:
-            raise ValueError(f"LearningRateWarmupCallback.initial_lr must be > 0; got {initial_lr}")
-        if warmup_epochs < 0:
-            raise ValueError(f"LearningRateWarmupCallback.warmup_epochs must be >= 0; got {warmup_epochs}")
-        self.initial_lr = float(initial_lr)
-        self.warmup_epochs = float(warmup_epochs)
-        self.steps_per_epoch = steps_per_epoch
-        self.verbose = verbose
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._epoch = epoch
-
-    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
-        steps = self.steps_per_epoch or (self.params or {}).get("steps") or 1
-        epoch = self._epoch + batch / steps
-        if epoch > self.warmup_epochs:
-            return
-        lr = warmup_learning_rate(self.initial_lr, init().size, self.warmup_epochs, epoch)
-        self.model.optimizer.learning_rate = lr
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if self.verbose and init().is_root and epoch + 1 == int(self.warmup_epochs):
-            print(f"\nEpoch {epoch + 1}: finished learning-rate warm-up to "
-                  f"{float(self.model.optimizer.learning_rate):g}")
+def _momentum_of(optimizer: Any) -> Any:
+    """The optimizer's momentum when it is a variable the compiled step reads (so changing
+    it for one batch takes effect); ``None`` otherwise."""
+    momentum = getattr(optimizer, "momentum", None)
+    return momentum if isinstance(momentum, keras.Variable) else None
 
 
 class LearningRateScheduleCallback(keras.callbacks.Callback):
-    """Learning rate = ``initial_lr * multiplier(epoch)`` for epochs in
-    ``[start_epoch, end_epoch)``; ``multiplier`` is a number or a function of the epoch.
-    Local: no communication."""
+    """Horovod's ``LearningRateScheduleCallback``, argument by argument: for epochs in
+    ``[start_epoch, end_epoch)`` the rate is ``initial_lr * multiplier(epoch)``; a number
+    ``m`` as ``multiplier`` means ``m ** (epoch - start_epoch)`` (exponential decay).
+    ``staircase=True``: set once, at the first batch of each epoch; ``False``: at every batch
+    with the fractional epoch ``epoch + batch / steps_per_epoch`` (``steps_per_epoch`` read
+    from ``fit`` when not given; data of unknown length raises ``ValueError`` naming it).
+    ``momentum_correction``: for the batch in which the rate changes, momentum is scaled by
+    new/old rate and then restored, where the optimizer's momentum is a variable; Keras 3's
+    built-in optimizers hold it as a constant of the compiled step, so there it is not
+    applied (a warning says so, once). Outside the range the rate is left as it is. At each
+    epoch's end ``logs["lr"]`` is the current rate. Local: no communication."""
 
-    def __init__(self, initial_lr: float, multiplier: float | Callable[[int], float],
-                 start_epoch: int = 0, end_epoch: int | None = None) -> None:
+    def __init__(self, initial_lr: float, multiplier: float | Callable[[float], float], start_epoch: int = 0,
+                 end_epoch: int | None = None, staircase: bool = True, momentum_correction: bool = True,
+                 steps_per_epoch: int | None = None) -> None:
         super().__init__()
+        if initial_lr is None:
+            raise ValueError("Parameter `initial_lr` is required")
         self.initial_lr = float(initial_lr)
-        self.multiplier = multiplier if callable(multiplier) else (lambda epoch, m=float(multiplier): m)
+        if callable(multiplier):
+            self.multiplier = multiplier
+        else:
+            self.multiplier = lambda epoch, m=float(multiplier): m ** (epoch - start_epoch)
         self.start_epoch = start_epoch
         self.end_epoch = end_epoch
+        self.staircase = staircase
+        self.momentum_correction = momentum_correction
+        self.steps_per_epoch = steps_per_epoch
+        self.current_epoch = 0
+        self._restore_momentum: float | None = None
+        self._warned = False
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self.staircase and not self.steps_per_epoch:
+            self.steps_per_epoch = (self.params or {}).get("steps")
+            if not self.steps_per_epoch:
+                raise ValueError(
+                    "Could not autodetect the number of steps per epoch. Please specify the "
+                    f"steps_per_epoch parameter to the {type(self).__name__}() (the data's length is "
+                    "unknown to fit: a dataset or generator without steps_per_epoch)."
+                )
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.current_epoch = epoch
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        epoch = self.current_epoch
         if epoch < self.start_epoch or (self.end_epoch is not None and epoch >= self.end_epoch):
             return
-        self.model.optimizer.learning_rate = self.initial_lr * float(self.multiplier(epoch))
+        if self.staircase and batch == 0:
+            self._adjust(epoch)
+        elif not self.staircase:
+            self._adjust(epoch + batch / self.steps_per_epoch)
+
+    def _adjust(self, epoch: float) -> None:
+        optimizer = self.model.optimizer
+        old = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        new = self.initial_lr * float(self.multiplier(epoch))
+        optimizer.learning_rate = new
+        if not self.momentum_correction or old == 0:
+            return
+        momentum = _momentum_of(optimizer)
+        if momentum is not None:
+            self._restore_momentum = float(keras.ops.convert_to_numpy(momentum))
+            momentum.assign(self._restore_momentum * new / old)
+        elif getattr(optimizer, "momentum", 0) and not self._warned and init().is_root:
+            self._warned = True
+            print(f"{type(self).__name__}: momentum correction is not applied (Keras 3 compiles the "
+                  "optimizer's momentum as a constant of the train step)", flush=True)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self._restore_momentum is not None:
+            _momentum_of(self.model.optimizer).assign(self._restore_momentum)
+            self._restore_momentum = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["lr"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
+class LearningRateWarmupCallback(LearningRateScheduleCallback):
+    """Horovod's ``LearningRateWarmupCallback``, argument by argument: ``initial_lr`` is the
+    already scaled rate (``base_lr * size``), reached from ``initial_lr / size`` over the
+    first ``warmup_epochs`` epochs, batch by batch (:func:`warmup_learning_rate`); after
+    them the rate is left at ``initial_lr``. ``verbose``: rank 0 says when the warm-up
+    ends. Data of unknown length needs ``steps_per_epoch`` (else ``ValueError``). Local."""
+
+    def __init__(self, initial_lr: float, warmup_epochs: float = 5, momentum_correction: bool = True,
+                 steps_per_epoch: int | None = None, verbose: int = 0) -> None:
+        def multiplier(epoch: float) -> float:
+            size = init().size
+            epoch += 1.0 / self.steps_per_epoch  # the rate at the end of the batch is round
+            return 1.0 / size * (epoch * (size - 1) / warmup_epochs + 1)
+
+        super().__init__(initial_lr, multiplier, start_epoch=0, end_epoch=warmup_epochs, staircase=False,
+                         momentum_correction=momentum_correction, steps_per_epoch=steps_per_epoch)
+        self.warmup_epochs = warmup_epochs
+        self.verbose = verbose
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
+        if epoch == self.end_epoch - 1 and self.verbose > 0 and init().is_root:
+            rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+            print(f"\nEpoch {epoch + 1}: finished gradual learning rate warmup to {rate:g}.", flush=True)
 
 
 class RankZeroCheckpoint(keras.callbacks.Callback):
@@ -231,3 +315,48 @@ class AgentCheckpointCallback(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.agent.save_checkpoint(self.path, epoch=epoch + 1)
 
+
+
+class BestModelCheckpoint(keras.callbacks.Callback):
+    """Horovod's ``BestModelCheckpoint(monitor, verbose, save_weights_only, mode,
+    save_freq)``: rank 0 saves the model whenever ``monitor`` improves (Keras'
+    ``ModelCheckpoint`` with ``save_best_only=True``), atomically. Horovod leaves
+    ``filepath`` to be set afterwards (``callback.filepath = ...``); here it may also be
+    given as a keyword. Only ``save_freq="epoch"``. Put it after
+    :class:`MetricAverageCallback`, so every rank compares the job's metric."""
+
+    def __init__(self, monitor: str = "val_loss", verbose: int = 0, save_weights_only: bool = False,
+                 mode: str = "auto", save_freq: str = "epoch", *, filepath: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        if save_freq != "epoch":
+            raise ValueError(f"BestModelCheckpoint.save_freq must be 'epoch'; got {save_freq!r}")
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"BestModelCheckpoint.mode must be 'auto', 'min' or 'max'; got {mode!r}")
+        self.monitor, self.verbose, self.save_weights_only = monitor, verbose, save_weights_only
+        self.mode, self.save_freq = mode, save_freq
+        self.filepath = None if filepath is None else os.fspath(filepath)
+        self.best: float | None = None
+
+    def _better(self, value: float) -> bool:
+        larger = self.mode == "max" or (self.mode == "auto" and ("acc" in self.monitor or "auc" in self.monitor))
+        return self.best is None or (value > self.best if larger else value < self.best)
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if self.filepath is None:
+            raise ValueError("BestModelCheckpoint needs a filepath: set callback.filepath before fit")
+        suffix = ".weights.h5" if self.save_weights_only else ".keras"
+        if not self.filepath.endswith(suffix):
+            raise ValueError(f"BestModelCheckpoint.filepath must end in {suffix}; got {self.filepath!r}")
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None or not self._better(float(value)):
+            return
+        self.best = float(value)
+        if init().is_root:
+            saver = RankZeroCheckpoint(self.filepath)
+            saver.set_model(self.model)
+            saver.on_epoch_end(epoch)
+            if self.verbose:
+                print(f"\nEpoch {epoch + 1}: {self.monitor} improved to {self.best:.5g}, saved {self.filepath}",
+                      flush=True)

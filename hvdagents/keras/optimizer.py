@@ -8,6 +8,7 @@ them. No class is generated or renamed; the inner optimizer keeps its state.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -16,44 +17,83 @@ from ..runtime import horovod_binding
 
 __all__ = ["DistributedOptimizer"]
 
-_COMPRESSIONS = (None, "fp16")
-
-
 @keras.saving.register_keras_serializable(package="hvdagents")
 class DistributedOptimizer(keras.optimizers.Optimizer):
-    """Average gradients over all ranks before ``inner_optimizer`` applies them.
+    """Average gradients over all ranks before ``optimizer`` applies them.
 
-    Communication: ``apply`` is collective, since every rank's train step must call it with
-    gradients for the same variables in the same order (a grouped all-reduce, averaged).
-    ``compression="fp16"`` casts gradients to float16 on the wire. With mixed precision it
-    must be the outermost wrapper, ``DistributedOptimizer(LossScaleOptimizer(opt))``, so that
-    the loss-scale optimizer decides on the averaged gradients, alike on every rank
-    (``KerasAgent`` and :class:`~hvdagents.keras.callbacks.BroadcastGlobalVariablesCallback`
-    check this). Use it in
-    ``model.compile(optimizer=hva.keras.DistributedOptimizer(opt))`` with TensorFlow as
-    the Keras backend, and broadcast the initial state with
-    :class:`hvdagents.keras.callbacks.BroadcastGlobalVariablesCallback` (``KerasAgent`` does
-    both for you).
+    Horovod's ``DistributedOptimizer(optimizer, name, device_dense, device_sparse,
+    compression, sparse_as_dense, gradient_predivide_factor, op, backward_passes_per_step,
+    average_aggregated_gradients, num_groups, groups, process_set, scale_local_gradients)``,
+    argument by argument, for Keras 3 (``import hvdagents.keras as hvd`` is the drop-in).
+    Where it differs (README, "Horovod's Keras API"): sparse gradients are always averaged
+    dense; ``device_*``, ``num_groups``/``groups`` and ``scale_local_gradients`` are accepted
+    and have no effect (one grouped all-reduce, placed by TensorFlow); only the global
+    process set exists. ``backward_passes_per_step=k`` accumulates k batches in the inner
+    optimizer (Keras' ``gradient_accumulation_steps``, which it sets) and applies their mean
+    (``average_aggregated_gradients=True``) or their sum (``False``, Horovod's default); the
+    gradients are averaged over the ranks at every batch.
+
+    It wraps by composition, the way Keras' own ``LossScaleOptimizer`` does: the inner
+    optimizer keeps its state and class. Communication: ``apply`` is collective, since every
+    rank's train step must call it with gradients for the same variables in the same order
+    (a grouped all-reduce). With mixed precision it must be the outermost wrapper,
+    ``DistributedOptimizer(LossScaleOptimizer(opt))``, so that the loss-scale optimizer
+    decides on the averaged gradients, alike on every rank (``KerasAgent`` and
+    :class:`~hvdagents.keras.callbacks.BroadcastGlobalVariablesCallback` check this). Horovod
+    starts when the first gradients are averaged, not when the optimizer is made (a saved
+    model loads without MPI).
     """
 
-    def __init__(self, inner_optimizer: keras.optimizers.Optimizer, compression: str | None = None,
-                 name: str | None = None, **kwargs: Any) -> None:
-        if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
-            raise TypeError(
-                f"DistributedOptimizer wraps a Keras 3 optimizer; got {type(inner_optimizer).__name__}"
-            )
-        if isinstance(inner_optimizer, DistributedOptimizer):
+    def __init__(self, optimizer: keras.optimizers.Optimizer | None = None, name: str | None = None,
+                 device_dense: str = "", device_sparse: str = "", compression: Any = None,
+                 sparse_as_dense: bool = False, gradient_predivide_factor: float = 1.0, op: Any = None,
+                 backward_passes_per_step: int = 1, average_aggregated_gradients: bool = False,
+                 num_groups: int = 0, groups: Any = None, process_set: Any = None,
+                 scale_local_gradients: bool = True, *, inner_optimizer: keras.optimizers.Optimizer | None = None,
+                 **kwargs: Any) -> None:
+        from .dropin import compression_name
+
+        optimizer = optimizer if optimizer is not None else inner_optimizer
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(f"DistributedOptimizer wraps a Keras 3 optimizer; got {type(optimizer).__name__}")
+        if isinstance(optimizer, DistributedOptimizer):
             raise ValueError("DistributedOptimizer: the optimizer is already distributed")
-        if compression not in _COMPRESSIONS:
-            raise ValueError(f"DistributedOptimizer.compression must be None or 'fp16'; got {compression!r}")
         if kwargs:
             raise ValueError(
                 f"DistributedOptimizer does not take {sorted(kwargs)}; set them on the inner optimizer"
             )
-        super().__init__(learning_rate=0.0, name=name or "distributed_" + inner_optimizer.name)
-        self.inner_optimizer = inner_optimizer
-        self.compression = compression
-        self._hvd = horovod_binding("tensorflow")
+        if op not in (None, "average", "sum") and _op_name(op) is None:
+            raise ValueError("op currently only supports Average and Sum")
+        if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
+                or backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be an int >= 1; got {backward_passes_per_step!r}")
+        if gradient_predivide_factor <= 0:
+            raise ValueError(f"gradient_predivide_factor must be > 0; got {gradient_predivide_factor}")
+        if num_groups:
+            warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be removed in v0.23.0.",
+                          DeprecationWarning, stacklevel=2)
+        if groups is not None and not isinstance(groups, list) and not (isinstance(groups, int) and groups > 0):
+            raise ValueError("groups should be a non-negative integer or a list of list of tf.Variable.")
+        if process_set is not None and getattr(process_set, "process_set_id", 0) != 0:
+            raise ValueError("DistributedOptimizer: only the global process set is supported")
+        if backward_passes_per_step > 1:
+            steps = optimizer.gradient_accumulation_steps
+            if steps not in (None, backward_passes_per_step):
+                raise ValueError(
+                    f"backward_passes_per_step={backward_passes_per_step} but the optimizer accumulates "
+                    f"gradient_accumulation_steps={steps}: give one of them"
+                )
+            if optimizer.built and steps is None:
+                raise ValueError("backward_passes_per_step > 1 needs an optimizer that is not built yet")
+            optimizer.gradient_accumulation_steps = backward_passes_per_step
+        super().__init__(learning_rate=0.0, name=name or "distributed_" + optimizer.name)
+        self.inner_optimizer = optimizer
+        self.compression = compression_name(compression)
+        self.op = _op_name(op) or "average"
+        self.gradient_predivide_factor = float(gradient_predivide_factor)
+        self.backward_passes_per_step = backward_passes_per_step
+        self.average_aggregated_gradients = bool(average_aggregated_gradients)
+        self.sparse_as_dense = bool(sparse_as_dense)
 
     def build(self, var_list: list) -> None:
         if self.built:
@@ -76,17 +116,20 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
     def _average(self, grads: list) -> list:
         import tensorflow as tf
 
-        hvd = self._hvd
-        if hvd.size() == 1:
-            return grads
+        hvd = horovod_binding("tensorflow")
         present = [i for i, g in enumerate(grads) if g is not None]
         dense = [tf.convert_to_tensor(grads[i]) for i in present]
-        compression = hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none
-        reduced = hvd.grouped_allreduce(dense, op=hvd.Average, compression=compression,
-                                        name="hvdagents.grads")
+        # Keras' accumulation applies the mean of the k batches; Horovod's default is the sum
+        scale = 1.0 if self.average_aggregated_gradients else float(self.backward_passes_per_step)
+        if hvd.size() > 1 and dense:
+            compression = hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none
+            predivide = self.gradient_predivide_factor if self.op == "average" else 1.0
+            dense = hvd.grouped_allreduce(dense, op=hvd.Average if self.op == "average" else hvd.Sum,
+                                          compression=compression, name="hvdagents.grads",
+                                          prescale_factor=1.0 / predivide, postscale_factor=predivide)
         out = list(grads)
-        for i, g in zip(present, reduced):
-            out[i] = g
+        for i, g in zip(present, dense):
+            out[i] = g * scale if scale != 1.0 else g
         return out
 
     @property
@@ -113,6 +156,11 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         return {
             "name": self.name,
             "compression": self.compression,
+            "op": self.op,
+            "gradient_predivide_factor": self.gradient_predivide_factor,
+            "backward_passes_per_step": self.backward_passes_per_step,
+            "average_aggregated_gradients": self.average_aggregated_gradients,
+            "sparse_as_dense": self.sparse_as_dense,
             "inner_optimizer": keras.saving.serialize_keras_object(self.inner_optimizer),
         }
 
@@ -121,3 +169,12 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         config = dict(config)
         inner = keras.saving.deserialize_keras_object(config.pop("inner_optimizer"), custom_objects=custom_objects)
         return cls(inner, **config)
+
+
+def _op_name(op: Any) -> str | None:
+    """``"average"``/``"sum"`` for Horovod's constants or our names; ``None`` otherwise."""
+    if op is None or op in ("average", "sum"):
+        return op
+    import horovod.tensorflow as hvd
+
+    return {hvd.Average: "average", hvd.Sum: "sum"}.get(op)

@@ -70,11 +70,21 @@ report("metric_average", logs=logs)
 warm = hva.keras.callbacks.LearningRateWarmupCallback(initial_lr=0.1, warmup_epochs=2, steps_per_epoch=10)
 warm.set_model(model)
 seen = {}
-for epoch, batch in [(0, 0), (0, 5), (1, 0), (1, 5), (2, 0)]:
+warm.on_train_begin()
+for epoch, batch in [(0, 0), (0, 5), (1, 0), (1, 9), (2, 0), (2, 5)]:
     warm.on_epoch_begin(epoch)
     warm.on_train_batch_begin(batch)
     seen[f"{epoch}.{batch}"] = float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
-report("warmup", lr=seen, size=ctx.size)
+# data of unknown length (fit's params say steps None) and no steps_per_epoch: refused
+unknown = hva.keras.callbacks.LearningRateWarmupCallback(initial_lr=0.1, warmup_epochs=2)
+unknown.set_model(model)
+unknown.set_params({"epochs": 3, "steps": None, "verbose": 0})
+try:
+    unknown.on_train_begin()
+    refused = "no error"
+except ValueError as err:
+    refused = str(err)
+report("warmup", lr=seen, size=ctx.size, unknown_length=refused)
 
 # checkpoint after 2 epochs + resume 1 == 3 straight (momentum: optimizer state matters)
 straight = make_model(7, momentum=0.9)

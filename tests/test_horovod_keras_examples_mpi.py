@@ -1,0 +1,28 @@
+"""Horovod's own Keras examples, ported (examples/horovod_keras/: the import line, bundled data
+and what Keras 3 demands changed), run under mpirun -np 2 and train to their accuracy."""
+
+import re
+import sys
+
+from mpirun import REPO, job_env, mpirun_command, run_command
+
+EXAMPLES = REPO / "examples" / "horovod_keras"
+
+
+def test_tensorflow2_keras_mnist_trains_and_its_checkpoints_load_without_mpi(tmp_path):
+    job = run_command([*mpirun_command(2), sys.executable, str(EXAMPLES / "tensorflow2_keras_mnist.py")],
+                      timeout=600, cwd=tmp_path).check()
+    accuracies = [float(a) for a in re.findall(r"accuracy: ([0-9.]+)", job.stdout)]
+    assert len(accuracies) >= 24 and accuracies[-1] >= 0.97, job.stdout[-3000:]  # rank 0 alone prints
+    # the warm-up ends at epoch 3 at the scaled rate 0.001 * size, as in Horovod
+    assert job.stdout.count("Epoch 3: finished gradual learning rate warmup to 0.002.") == 1, job.stdout[-3000:]
+    checkpoints = sorted(tmp_path.glob("checkpoint-*.keras"))
+    assert len(checkpoints) == 24
+    # hvd.load_model in a plain process (no mpirun): the optimizer comes back distributed, its
+    # state included, and loading starts neither MPI nor Horovod
+    code = (f"import sys, hvdagents.keras as hvd; m = hvd.load_model({str(checkpoints[-1])!r}); "
+            "mpi = sys.modules.get('mpi4py.MPI'); "
+            "print(type(m.optimizer).__name__, int(m.optimizer.iterations.numpy()), "
+            "bool(mpi and mpi.Is_initialized()), 'horovod.tensorflow' in sys.modules)")
+    out = run_command([sys.executable, "-c", code], timeout=180, env=job_env()).check()
+    assert "DistributedOptimizer 6000 False False" in out.stdout, out.output  # 24 epochs x 250 steps
