@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-from typing import IO, Any, Mapping, Sequence
+from typing import IO, Any, Sequence
 
 import keras
 import numpy as np
@@ -19,64 +19,11 @@ import tensorflow as tf
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..collectives import bcast_array
 from ..errors import UsageError
-from ..runtime import horovod_binding
+from ..keras.collectives import broadcast_variables
+from ..keras.optimizer import distributed_outermost
 from ..strategies.config import Strategy, Sync
 
-__all__ = ["KerasAgent", "broadcast_variables", "average_values"]
-
-
-def broadcast_variables(variables: Sequence[Any], root_rank: int = ROOT_RANK) -> None:
-    """Collective: assign ``root_rank``'s value of every variable on every rank.
-
-    Variables are broadcast one by one in list order, which must be the same on every rank
-    (Keras' ``model.weights`` and ``optimizer.variables`` orders are)."""
-    hvd = horovod_binding("tensorflow")
-    if hvd.size() == 1:
-        return
-    for i, v in enumerate(variables):
-        v.assign(hvd.broadcast(tf.convert_to_tensor(v), root_rank=root_rank, name=f"hvdagents.bcast.{i}"))
-
-
-def average_values(values: Mapping[str, float]) -> dict[str, float]:
-    """Collective: the mean over ranks of each named scalar (one all-reduce, keys sorted).
-
-    Every rank must pass the same keys."""
-    hvd = horovod_binding("tensorflow")
-    keys = sorted(values)
-    if hvd.size() == 1 or not keys:
-        return {k: float(values[k]) for k in keys}
-    local = tf.constant([float(values[k]) for k in keys], dtype=tf.float64)
-    mean = hvd.allreduce(local, op=hvd.Average, name="hvdagents.metrics").numpy()
-    return dict(zip(keys, map(float, mean)))
-
-
-def distributed_outermost(optimizer: keras.optimizers.Optimizer, compression: str | None) -> Any:
-    """``optimizer`` with :class:`hvdagents.keras.DistributedOptimizer` as its outermost wrapper.
-
-    Under a ``mixed_float16`` policy ``compile`` wraps the optimizer in Keras'
-    ``LossScaleOptimizer``, which checks locally whether the gradients are finite and skips
-    the step when they are not. Inside it, our all-reduce would run on the ranks that did not
-    skip only (a hang, or ranks that silently diverge); outside it, the loss-scale optimizer
-    sees the averaged gradients, identical on every rank, and every rank decides alike. So a
-    ``LossScaleOptimizer(DistributedOptimizer(opt))`` becomes
-    ``DistributedOptimizer(LossScaleOptimizer(opt))`` with the same loss-scale settings.
-    """
-    from ..keras.optimizer import DistributedOptimizer
-
-    if isinstance(optimizer, DistributedOptimizer):
-        return optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
-        optimizer.inner_optimizer, DistributedOptimizer
-    ):
-        inner = optimizer.inner_optimizer
-        if isinstance(inner.inner_optimizer, keras.optimizers.LossScaleOptimizer):
-            return inner  # compile's automatic wrapper around an optimizer already loss-scaled
-        optimizer = keras.optimizers.LossScaleOptimizer(
-            inner.inner_optimizer, initial_scale=optimizer.initial_scale,
-            dynamic_growth_steps=optimizer.dynamic_growth_steps,
-        )
-        compression = inner.compression
-    return DistributedOptimizer(optimizer, compression=compression)
+__all__ = ["KerasAgent"]
 
 
 class _KeepWrapper:

@@ -49,7 +49,7 @@ def load_model(filepath: Any, custom_optimizers: Iterable[type] | None = None,
     communicate (start every rank from rank 0's file, or broadcast after)."""
     import keras
 
-    from ..frameworks.keras import distributed_outermost
+    from .optimizer import distributed_outermost
 
     objects = {cls.__name__: cls for cls in custom_optimizers or ()}
     objects.update(custom_objects or {})

@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import keras
 
-from ..frameworks.keras import average_values, broadcast_variables
 from ..runtime import init
+from .collectives import average_values, broadcast_variables
 
 __all__ = [
     "BroadcastGlobalVariablesCallback",

@@ -175,7 +175,7 @@ def broadcast_variables(variables: Sequence[Any], root_rank: int) -> None:
     """Collective: assign ``root_rank``'s values to ``variables`` on every rank, in order
     (``horovod.tensorflow.broadcast_variables``; not in ``horovod.tensorflow.keras`` 0.28.1,
     offered here because Keras 3 scripts need it where sessions are gone)."""
-    from ..frameworks.keras import broadcast_variables as broadcast_in_order
+    from .collectives import broadcast_variables as broadcast_in_order
 
     _binding()
     broadcast_in_order(list(variables), root_rank=root_rank)

@@ -15,7 +15,7 @@ import keras
 
 from ..runtime import horovod_binding
 
-__all__ = ["DistributedOptimizer"]
+__all__ = ["DistributedOptimizer", "distributed_outermost"]
 
 @keras.saving.register_keras_serializable(package="hvdagents")
 class DistributedOptimizer(keras.optimizers.Optimizer):
@@ -178,3 +178,30 @@ def _op_name(op: Any) -> str | None:
     import horovod.tensorflow as hvd
 
     return {hvd.Average: "average", hvd.Sum: "sum"}.get(op)
+
+
+def distributed_outermost(optimizer: keras.optimizers.Optimizer, compression: str | None) -> Any:
+    """``optimizer`` with :class:`hvdagents.keras.DistributedOptimizer` as its outermost wrapper.
+
+    Under a ``mixed_float16`` policy ``compile`` wraps the optimizer in Keras'
+    ``LossScaleOptimizer``, which checks locally whether the gradients are finite and skips
+    the step when they are not. Inside it, our all-reduce would run on the ranks that did not
+    skip only (a hang, or ranks that silently diverge); outside it, the loss-scale optimizer
+    sees the averaged gradients, identical on every rank, and every rank decides alike. So a
+    ``LossScaleOptimizer(DistributedOptimizer(opt))`` becomes
+    ``DistributedOptimizer(LossScaleOptimizer(opt))`` with the same loss-scale settings.
+    """
+    if isinstance(optimizer, DistributedOptimizer):
+        return optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and isinstance(
+        optimizer.inner_optimizer, DistributedOptimizer
+    ):
+        inner = optimizer.inner_optimizer
+        if isinstance(inner.inner_optimizer, keras.optimizers.LossScaleOptimizer):
+            return inner  # compile's automatic wrapper around an optimizer already loss-scaled
+        optimizer = keras.optimizers.LossScaleOptimizer(
+            inner.inner_optimizer, initial_scale=optimizer.initial_scale,
+            dynamic_growth_steps=optimizer.dynamic_growth_steps,
+        )
+        compression = inner.compression
+    return DistributedOptimizer(optimizer, compression=compression)
