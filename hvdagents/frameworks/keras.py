@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from typing import IO, Any, Sequence
 
 import keras
@@ -24,6 +25,10 @@ from ..keras.optimizer import distributed_outermost
 from ..strategies.config import Strategy, Sync
 
 __all__ = ["KerasAgent"]
+
+
+#: Keras' automatic suffix of a repeated name: ``dense_3`` in ``sequential_1/dense_3/kernel``.
+_AUTO_NUMBER = re.compile(r"_\d+(?=/|$)")
 
 
 class _KeepWrapper:
@@ -108,11 +113,10 @@ class KerasAgent(Agent):
         each reports its own), then the strategy's step: after every batch where the runner
         acts after a step, else counted from the optimizer's iterations (no batch hook keeps
         Keras' asynchronous callback dispatch)."""
-        from ..keras.callbacks import MetricAverageCallback, StrategyCallback, SyncStepCounter
+        from ..keras.callbacks import MetricAverageCallback, StepCounter, StrategyCallback
 
         averaging = [MetricAverageCallback()] if self._runner.uses_horovod else []
-        step = StrategyCallback(self) if self._runner.acts_after_step else SyncStepCounter(self)
-        return [*averaging, step]
+        return [*averaging, (StrategyCallback if self._runner.acts_after_step else StepCounter)(self)]
 
     def fit(self, x: Any = None, y: Any = None, *, callbacks: Sequence[Any] = (), verbose: Any = "auto",
             checkpoint: str | os.PathLike | None = None, **kwargs: Any) -> keras.callbacks.History:
@@ -207,7 +211,11 @@ class KerasAgent(Agent):
 
     # -- checkpoints ------------------------------------------------------------------------
     def _signature(self) -> list[ParameterSignature]:
-        return [(v.path, tuple(int(d) for d in v.shape), str(v.dtype)) for v in self.model.weights]
+        """Each weight's path, shape and dtype, with Keras' automatic numbering taken out of the
+        path (``dense_3/kernel`` -> ``dense/kernel``): a rank that built another model first
+        numbers its layers on, and that is no reason to refuse the same architecture."""
+        return [(_AUTO_NUMBER.sub("", v.path), tuple(int(d) for d in v.shape), str(v.dtype))
+                for v in self.model.weights]
 
     def _state_arrays(self) -> list[np.ndarray]:
         return [np.asarray(v.numpy()) for v in self.model.non_trainable_weights]

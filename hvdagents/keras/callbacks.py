@@ -30,8 +30,8 @@ __all__ = [
     "LearningRateScheduleCallback",
     "RankZeroCheckpoint",
     "BestModelCheckpoint",
+    "StepCounter",
     "StrategyCallback",
-    "SyncStepCounter",
     "AgentCheckpointCallback",
     "warmup_learning_rate",
     "check_loss_scale_order",
@@ -262,25 +262,14 @@ class RankZeroCheckpoint(keras.callbacks.Callback):
             raise
 
 
-class StrategyCallback(keras.callbacks.Callback):
-    """Runs ``agent``'s strategy after every training batch (the local step is Keras' own):
-    LocalSGD's periodic average, or Downpour/EASGD/Gossip's one-sided exchange through
-    host copies of the weights. Collective only for LocalSGD."""
-
-    def __init__(self, agent: Any) -> None:
-        super().__init__()
-        self.agent = agent
-
-    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.agent._after_local_step()
-
-
-class SyncStepCounter(keras.callbacks.Callback):
-    """Counts ``agent``'s optimizer steps under ``Sync`` from the optimizer's iteration
-    counter at every epoch's end (before a checkpoint is written) and at the end of ``fit``.
-    Sync needs nothing after a step (its all-reduce is inside the optimizer), and a callback
-    without batch hooks keeps Keras' asynchronous callback dispatch, so the training loop
-    never waits for Python between steps. Local."""
+class StepCounter(keras.callbacks.Callback):
+    """Feeds ``agent``'s strategy one ``after_step`` per optimizer step, counted from the
+    optimizer's iteration counter (so ``steps_per_execution > 1``, where Keras calls batch
+    hooks once per execution, still counts every step for ``period`` and ``max_staleness``),
+    at each epoch's end (before a checkpoint is written) and at the end of ``fit``. Without
+    batch hooks Keras keeps its asynchronous callback dispatch, so the training loop never
+    waits for Python between steps: what ``Sync`` needs (its work is inside the optimizer).
+    The counter it feeds is the runner's, the one checkpoints save. Local."""
 
     def __init__(self, agent: Any) -> None:
         super().__init__()
@@ -301,6 +290,15 @@ class SyncStepCounter(keras.callbacks.Callback):
         for _ in range(now - self._counted):
             self.agent._after_local_step()
         self._counted = now
+
+
+class StrategyCallback(StepCounter):
+    """:class:`StepCounter` after every batch (or execution of ``steps_per_execution``
+    batches) too: for strategies that act after a step (LocalSGD's periodic average,
+    Downpour/EASGD/Gossip's one-sided exchange). Collective only for LocalSGD."""
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._count()
 
 
 class AgentCheckpointCallback(keras.callbacks.Callback):

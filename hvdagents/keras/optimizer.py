@@ -8,6 +8,7 @@ them. No class is generated or renamed; the inner optimizer keeps its state.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import Any
 
@@ -16,6 +17,11 @@ import keras
 from ..runtime import horovod_binding
 
 __all__ = ["DistributedOptimizer", "distributed_outermost"]
+
+#: Distributed optimizers made in this process, in order: the same number on every rank (each
+#: rank builds its optimizers in the same order), so that two of them (a GAN's) may all-reduce
+#: in one train step under names of their own.
+_numbers = itertools.count()
 
 @keras.saving.register_keras_serializable(package="hvdagents")
 class DistributedOptimizer(keras.optimizers.Optimizer):
@@ -94,6 +100,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.backward_passes_per_step = backward_passes_per_step
         self.average_aggregated_gradients = bool(average_aggregated_gradients)
         self.sparse_as_dense = bool(sparse_as_dense)
+        self._reduce_name = f"hvdagents.grads.{next(_numbers)}"
 
     def build(self, var_list: list) -> None:
         if self.built:
@@ -125,7 +132,7 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             compression = hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none
             predivide = self.gradient_predivide_factor if self.op == "average" else 1.0
             dense = hvd.grouped_allreduce(dense, op=hvd.Average if self.op == "average" else hvd.Sum,
-                                          compression=compression, name="hvdagents.grads",
+                                          compression=compression, name=self._reduce_name,
                                           prescale_factor=1.0 / predivide, postscale_factor=predivide)
         out = list(grads)
         for i, g in zip(present, dense):
