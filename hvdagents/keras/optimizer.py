@@ -8,8 +8,8 @@ them. No class is generated or renamed; the inner optimizer keeps its state.
 
 from __future__ import annotations
 
-import itertools
 import warnings
+import zlib
 from typing import Any
 
 import keras
@@ -17,11 +17,6 @@ import keras
 from ..runtime import horovod_binding
 
 __all__ = ["DistributedOptimizer", "distributed_outermost"]
-
-#: Distributed optimizers made in this process, in order: the same number on every rank (each
-#: rank builds its optimizers in the same order), so that two of them (a GAN's) may all-reduce
-#: in one train step under names of their own.
-_numbers = itertools.count()
 
 @keras.saving.register_keras_serializable(package="hvdagents")
 class DistributedOptimizer(keras.optimizers.Optimizer):
@@ -100,7 +95,6 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         self.backward_passes_per_step = backward_passes_per_step
         self.average_aggregated_gradients = bool(average_aggregated_gradients)
         self.sparse_as_dense = bool(sparse_as_dense)
-        self._reduce_name = f"hvdagents.grads.{next(_numbers)}"
 
     def build(self, var_list: list) -> None:
         if self.built:
@@ -126,13 +120,17 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         hvd = horovod_binding("tensorflow")
         present = [i for i, g in enumerate(grads) if g is not None]
         dense = [tf.convert_to_tensor(grads[i]) for i in present]
+        # Named by what it reduces (the same on every rank, whatever order the ranks made their
+        # optimizers in), so two optimizers (a GAN's) may all-reduce in one train step.
+        shapes = ";".join(f"{tuple(g.shape)}{g.dtype.name}" for g in dense)
+        name = f"hvdagents.grads.{zlib.crc32(shapes.encode()):08x}"
         # Keras' accumulation applies the mean of the k batches; Horovod's default is the sum
         scale = 1.0 if self.average_aggregated_gradients else float(self.backward_passes_per_step)
         if hvd.size() > 1 and dense:
             compression = hvd.Compression.fp16 if self.compression == "fp16" else hvd.Compression.none
             predivide = self.gradient_predivide_factor if self.op == "average" else 1.0
             dense = hvd.grouped_allreduce(dense, op=hvd.Average if self.op == "average" else hvd.Sum,
-                                          compression=compression, name=self._reduce_name,
+                                          compression=compression, name=name,
                                           prescale_factor=1.0 / predivide, postscale_factor=predivide)
         out = list(grads)
         for i, g in zip(present, dense):
