@@ -26,3 +26,13 @@ def test_tensorflow2_keras_mnist_trains_and_its_checkpoints_load_without_mpi(tmp
             "bool(mpi and mpi.Is_initialized()), 'horovod.tensorflow' in sys.modules)")
     out = run_command([sys.executable, "-c", code], timeout=180, env=job_env()).check()
     assert "DistributedOptimizer 6000 False False" in out.stdout, out.output  # 24 epochs x 250 steps
+
+
+def test_keras_mnist_advanced_trains_to_its_accuracy(tmp_path):
+    job = run_command([*mpirun_command(2), sys.executable, str(EXAMPLES / "keras_mnist_advanced.py")],
+                      timeout=600, cwd=tmp_path).check()
+    accuracies = [float(a) for a in re.findall(r"Test accuracy: ([0-9.]+)", job.stdout)]
+    assert len(accuracies) == 2, job.stdout[-3000:]  # every rank evaluates, as in Horovod's script
+    assert min(accuracies) >= 0.85, job.stdout[-3000:]
+    assert accuracies[0] == accuracies[1]  # one model on both ranks
+    assert job.stdout.count("Epoch 5: finished gradual learning rate warmup to 2.") == 1
