@@ -36,3 +36,13 @@ def test_keras_mnist_advanced_trains_to_its_accuracy(tmp_path):
     assert min(accuracies) >= 0.85, job.stdout[-3000:]
     assert accuracies[0] == accuracies[1]  # one model on both ranks
     assert job.stdout.count("Epoch 5: finished gradual learning rate warmup to 2.") == 1
+
+
+def test_tensorflow2_keras_synthetic_benchmark_runs_and_reports(tmp_path):
+    args = ["--model", "MobileNetV2", "--batch-size", "4", "--num-batches-per-iter", "2", "--num-iters", "3",
+            "--no-cuda", "--fp16-allreduce"]
+    job = run_command([*mpirun_command(2), sys.executable, str(EXAMPLES / "tensorflow2_keras_synthetic_benchmark.py"),
+                       *args], timeout=600, cwd=tmp_path).check()
+    assert job.stdout.count("Model: MobileNetV2") == 1  # rank 0 alone prints, as in Horovod's script
+    assert re.search(r"Iter #2: [0-9.]+ img/sec per CPU", job.stdout), job.stdout[-2000:]
+    assert re.search(r"Total img/sec on 2 CPU\(s\): [0-9.]+ \+-[0-9.]+", job.stdout), job.stdout[-2000:]
