@@ -16,11 +16,11 @@ def test_tensorflow2_keras_mnist_trains_and_its_checkpoints_load_without_mpi(tmp
     assert len(accuracies) >= 24 and accuracies[-1] >= 0.97, job.stdout[-3000:]  # rank 0 alone prints
     # the warm-up ends at epoch 3 at the scaled rate 0.001 * size, as in Horovod
     assert job.stdout.count("Epoch 3: finished gradual learning rate warmup to 0.002.") == 1, job.stdout[-3000:]
-    checkpoints = sorted(tmp_path.glob("checkpoint-*.keras"))
-    assert len(checkpoints) == 24
+    assert len(list(tmp_path.glob("checkpoint-*.keras"))) == 24
+    last = tmp_path / "checkpoint-24.keras"
     # hvd.load_model in a plain process (no mpirun): the optimizer comes back distributed, its
     # state included, and loading starts neither MPI nor Horovod
-    code = (f"import sys, hvdagents.keras as hvd; m = hvd.load_model({str(checkpoints[-1])!r}); "
+    code = (f"import sys, hvdagents.keras as hvd; m = hvd.load_model({str(last)!r}); "
             "mpi = sys.modules.get('mpi4py.MPI'); "
             "print(type(m.optimizer).__name__, int(m.optimizer.iterations.numpy()), "
             "bool(mpi and mpi.Is_initialized()), 'horovod.tensorflow' in sys.modules)")

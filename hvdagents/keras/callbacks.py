@@ -44,7 +44,8 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
     when ranks initialise differently. Horovod's arguments: ``device`` is accepted and has
     no effect (TensorFlow places the broadcast); ``local_variables`` (a variable or a list)
     are left out of the broadcast. Horovod broadcasts after the first batch; here it is
-    before it, so the first batch already starts from ``root_rank``'s state."""
+    before it where the model is built (the first batch starts from ``root_rank``'s state),
+    after it otherwise."""
 
     def __init__(self, root_rank: int = 0, device: str = "", local_variables: Any = None) -> None:
         super().__init__()
@@ -57,15 +58,29 @@ class BroadcastGlobalVariablesCallback(keras.callbacks.Callback):
         if not all(hasattr(v, "assign") for v in local_variables):
             raise ValueError("All local variables must be of tf.Variable type.")
         self.local_variables = list(local_variables)
+        self._pending = False
 
     def on_train_begin(self, logs: dict | None = None) -> None:
+        check_loss_scale_order(self.model.optimizer)
+        self._pending = True
+        if self.model.built and self.model.trainable_variables:
+            self._broadcast()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        # A model without an input shape (a Sequential built by its first batch) has no
+        # variables at train begin: then the broadcast follows the first batch, as in Horovod
+        # (its averaged gradient was the same on every rank).
+        if self._pending:
+            self._broadcast()
+
+    def _broadcast(self) -> None:
         optimizer = self.model.optimizer
-        check_loss_scale_order(optimizer)
         if not optimizer.built:
             optimizer.build(self.model.trainable_variables)
         local = {id(v) for v in self.local_variables}
         shared = [v for v in list(self.model.weights) + list(optimizer.variables) if id(v) not in local]
         broadcast_variables(shared, self.root_rank)
+        self._pending = False
 
 
 class MetricAverageCallback(keras.callbacks.Callback):
