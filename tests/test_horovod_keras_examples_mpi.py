@@ -26,6 +26,12 @@ def test_tensorflow2_keras_mnist_trains_and_its_checkpoints_load_without_mpi(tmp
             "bool(mpi and mpi.Is_initialized()), 'horovod.tensorflow' in sys.modules)")
     out = run_command([sys.executable, "-c", code], timeout=180, env=job_env()).check()
     assert "DistributedOptimizer 6000 False False" in out.stdout, out.output  # 24 epochs x 250 steps
+    # inference in a plain Keras process that never imports hvdagents: compile=False (the README
+    # says why the optimizer's class needs hvdagents.keras imported)
+    code = (f"import keras, numpy as np; m = keras.models.load_model({str(last)!r}, compile=False); "
+            "print('classes', m.predict(np.zeros((2, 8, 8, 1), 'float32'), verbose=0).shape)")
+    out = run_command([sys.executable, "-c", code], timeout=180, env=job_env()).check()
+    assert "classes (2, 10)" in out.stdout, out.output
 
 
 def test_keras_mnist_advanced_trains_to_its_accuracy(tmp_path):
