@@ -5,19 +5,15 @@ gradient_predivide_factor, fp16 compression. RESULT lines on rank 0."""
 
 import keras
 import numpy as np
+from _batches import regression_batches
 from _report import emit
 
 import hvdagents.keras as hvd
 
 hvd.init()
 BATCH, STEPS = 16, 8
-rng = np.random.default_rng(0)
-X = rng.normal(size=(STEPS * BATCH, 5)).astype("float32")
-Y = rng.normal(size=(STEPS * BATCH, 1)).astype("float32")
+X, Y, MINE = regression_batches(STEPS, BATCH, hvd.rank(), hvd.size())
 HALF = BATCH // hvd.size()
-# rank r trains on its half of every full batch, in order
-MINE = np.concatenate([np.arange(s * BATCH, (s + 1) * BATCH)[hvd.rank() * HALF:(hvd.rank() + 1) * HALF]
-                       for s in range(STEPS)])
 
 
 def make():

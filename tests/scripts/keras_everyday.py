@@ -6,6 +6,7 @@ model first) is not refused. RESULT lines on rank 0."""
 import keras
 import numpy as np
 import tensorflow as tf
+from _batches import regression_batches
 from _report import emit
 
 import hvdagents as hva
@@ -13,12 +14,8 @@ import hvdagents.keras as hvd
 
 hvd.init()
 BATCH, STEPS = 16, 6
-rng = np.random.default_rng(0)
-X = rng.normal(size=(STEPS * BATCH, 5)).astype("float32")
-Y = rng.normal(size=(STEPS * BATCH, 1)).astype("float32")
+X, Y, MINE = regression_batches(STEPS, BATCH, hvd.rank(), hvd.size())
 HALF = BATCH // hvd.size()
-MINE = np.concatenate([np.arange(s * BATCH, (s + 1) * BATCH)[hvd.rank() * HALF:(hvd.rank() + 1) * HALF]
-                       for s in range(STEPS)])
 
 
 class TwoOptimizers(keras.Model):
