@@ -121,7 +121,13 @@ class TorchAgent(Agent):
         # The strategy acts after every local step, whoever steps the optimizer.
         self._step_hook = optimizer.register_step_post_hook(lambda *_: self._after_local_step())
         _OPEN_AGENTS[optimizer] = True
-        self._start_strategy()
+        try:
+            self._start_strategy()
+        except BaseException:
+            if self._gradients is not None:  # the strategy's reducer, if it was made
+                self._gradients.close()
+            self._remove_hooks()
+            raise
 
     # -- the user's loop -------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -203,7 +209,8 @@ class TorchAgent(Agent):
         zeros, see ``close``). Ranks that train different parameter sets get a
         :class:`~hvdagents.ModelMismatchError`, before the parameters are reduced."""
         trainable = self._trainable()
-        names = [name for name, p in self.model.named_parameters() if any(p is t for t in trainable)]
+        wanted = {id(t) for t in trainable}
+        names = [name for name, p in self.model.named_parameters() if id(p) in wanted]
         checksum = float(names_checksum(names))
         totals = self._hvd.allreduce(torch.tensor([1.0, checksum, checksum * checksum], dtype=torch.float64),
                                      op=self._hvd.Sum, name="hvdagents.active")

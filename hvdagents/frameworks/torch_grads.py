@@ -64,12 +64,14 @@ __all__ = ["GradientAllreducer", "wire_tensor"]
 #: Name prefix of every gradient all-reduce (Horovod matches tensors across ranks by name);
 #: each reducer adds its own number, so several agents' gradients may be in flight at once.
 _GRAD_PREFIX = "hvdagents.grad"
-#: Checksums are kept below 2**26 so that sums of their squares over many ranks stay exact
-#: in float64.
-_CHECKSUM_MASK = (1 << 26) - 1
+#: Checksums are kept below 2**20 so that sums of their squares stay below 2**53, exact in
+#: float64 whatever order a reduction adds them in, up to 8192 ranks.
+_CHECKSUM_MASK = (1 << 20) - 1
 #: Reducers made in this process, in order: the same number on every rank, because agents are
 #: made collectively in the same order.
 _reducer_numbers = itertools.count()
+#: Which open reducer averages a parameter: id(parameter) -> (weak reference to it, reducer).
+_OWNERS: dict[int, tuple[weakref.ref, Any]] = {}
 
 
 def names_checksum(names: list[str]) -> int:
@@ -138,7 +140,12 @@ class GradientAllreducer:
         self._grads_seen: dict[str, weakref.ref] = {}
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
-        self.refresh()
+        self._handles.append(model.register_forward_pre_hook(self._on_forward))
+        try:
+            self.refresh()
+        except BaseException:
+            self.close()  # a refused start leaves no hook behind
+            raise
 
     # -- which parameters -------------------------------------------------------------------
     def trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -160,9 +167,19 @@ class GradientAllreducer:
         return dict(sorted(found.items()))
 
     def refresh(self) -> None:
-        """Re-read the trainable set and hook the parameters that are new in it. Local."""
+        """Re-read the trainable set and hook the parameters that are new in it. Local.
+        A parameter another open agent averages (two optimizers sharing an encoder) is
+        refused: both would divide its gradient."""
         self._tracked = self.trainable()
         for name, p in self._tracked.items():
+            held, owner = _OWNERS.get(id(p), (None, None))
+            if held is not None and held() is p and owner is not self:
+                raise UsageError(
+                    f"parameter '{name}' is averaged by another open TorchAgent(Sync) too (optimizers "
+                    "that share parameters): its gradient would be averaged twice. Give the shared "
+                    "parameters to one optimizer, or close the other agent first."
+                )
+            _OWNERS[id(p)] = (weakref.ref(p), self)
             if id(p) not in self._hooked:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(name)))
                 self._hooked.add(id(p))
@@ -220,6 +237,17 @@ class GradientAllreducer:
         if self._passes_per_step > 1:
             self._grads_seen = {n: weakref.ref(p.grad) for n, p in self._tracked.items() if p.grad is not None}
 
+    def _on_forward(self, module: Any, args: Any) -> None:
+        """Forward pre-hook (as DDP resets its reducer): a pass that began and never ended
+        (its backward raised, so autograd dropped the queued callback) is finished here: its
+        all-reduces are waited for and dropped, and the next backward starts a pass of its own.
+        Collective when the pass had started any (every rank's backward raised alike, as
+        when a caught error repeats on every rank)."""
+        if self._in_pass:
+            self._in_pass = self._averaging_pass = False
+            self._passes = max(self._passes - 1, 0)  # the failed pass does not count
+            self._drain()
+
     def _gradients_were_reset(self) -> bool:
         """Whether the gradients this reducer saw at the end of the last pass were replaced
         since (``zero_grad()`` sets them to ``None``): the passes start counting again."""
@@ -244,7 +272,7 @@ class GradientAllreducer:
         self._grads_seen = {}
 
     def _check_averaged(self, who: str) -> None:
-        if self._averaged:
+        if self._averaged and not self._unaveraged_local:
             return
         k = self._passes_per_step
         if self._unaveraged_local:
@@ -314,15 +342,17 @@ class GradientAllreducer:
         if totals[-2].item() != active * checksum or totals[-1].item() != active * checksum * checksum:
             self._in_flight.clear()
             raise self._mismatch(names)
-        for name, count in zip(names, totals[1:-2].tolist()):
-            flight = self._in_flight.pop(name)
-            if len(flight.handles) == 2:
-                self._finish_sparse(name, flight, active)
-            else:
-                self._finish_dense(flight, active)
-            if count == 0:  # no rank had a gradient: the optimizer leaves the parameter alone
-                self._tracked[name].grad = None
-        self._drain()  # a parameter dropped from the trainable set during the pass
+        try:
+            for name, count in zip(names, totals[1:-2].tolist()):
+                flight = self._in_flight.pop(name)
+                if len(flight.handles) == 2:
+                    self._finish_sparse(name, flight, active)
+                else:
+                    self._finish_dense(flight, active)
+                if count == 0:  # no rank had a gradient: the optimizer leaves the parameter alone
+                    self._tracked[name].grad = None
+        finally:
+            self._drain()  # what is left (a parameter dropped from the set, or after an error)
 
     def _finish_dense(self, flight: _InFlight, active: float) -> None:
         reduced = self._hvd.synchronize(flight.handles[0])
@@ -346,9 +376,9 @@ class GradientAllreducer:
 
     @staticmethod
     def _empty_sparse(p: torch.Tensor) -> torch.Tensor:
-        return torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64),
-                                       torch.zeros((0, *p.shape[1:]), dtype=p.dtype), p.shape,
-                                       check_invariants=False)
+        return torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64, device=p.device),
+                                       torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device),
+                                       p.shape, check_invariants=False)
 
     def _drain(self) -> None:
         """Wait for every all-reduce still in flight and forget them (results dropped), so the
@@ -368,6 +398,8 @@ class GradientAllreducer:
     def close(self) -> None:
         """Remove every hook this reducer added (parameters and optimizer). Local."""
         self._in_flight.clear()
+        for key in [key for key, (_, owner) in _OWNERS.items() if owner is self]:
+            del _OWNERS[key]
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -438,3 +438,52 @@ def compiled(model, opt, rank):
 
 
 compare("compiled", compiled, seed=16)
+
+
+# 14. Misuse and accidents that must not leave the agent wrong or stuck.
+def hooks_count(model, opt):
+    grads = sum(len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) for p in model.parameters())
+    return grads + len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+
+
+model = make(17)
+opt = torch.optim.SGD(model.parameters(), lr=LR)
+agent = hva.TorchAgent(model, opt)
+opt.zero_grad()
+mse(model, rows(0, ctx.rank)).backward()  # averaged
+with agent.no_sync():
+    mse(model, rows(1, ctx.rank)).backward()  # local only, on top of the mean
+no_sync_after_mean = error_of(opt.step)
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def explode(grad):
+    raise Boom("a user's hook failed")
+
+
+opt.zero_grad()
+handle = model[0].weight.register_hook(explode)  # raises in the middle of backward
+try:
+    mse(model, rows(2, ctx.rank)).backward()
+    failed = False
+except Boom:
+    failed = True
+handle.remove()
+opt.zero_grad()
+mse(model, rows(3, ctx.rank)).backward()  # the next pass starts clean and averages
+opt.step()
+recovered = identical(model)
+extra = torch.optim.SGD([model[0].weight], lr=LR)  # shares a parameter with the open agent
+before = hooks_count(model, extra)
+try:
+    hva.TorchAgent(model, extra)
+    refused = "no error"
+except hva.UsageError as err:
+    refused = str(err)
+leftover = hooks_count(model, extra) - before
+agent.close()
+report("accidents", no_sync_after_mean=no_sync_after_mean, failed=failed, recovered=recovered,
+       shared_refused=refused, hooks_left_by_refused_agent=leftover)
