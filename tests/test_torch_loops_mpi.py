@@ -83,6 +83,5 @@ def test_asynchronous_strategies_share_frozen_layers_and_keep_them_exactly(check
 def test_accidents_leave_the_agent_right_or_refused(checks):
     result = checks["accidents"]
     assert "only accumulated inside `with agent.no_sync():`" in result["no_sync_after_mean"]
-    assert result["failed"] and result["recovered"]  # a backward that raised, then a clean step
     assert "averaged by another open TorchAgent(Sync)" in result["shared_refused"]
     assert result["hooks_left_by_refused_agent"] == 0

@@ -140,7 +140,6 @@ class GradientAllreducer:
         self._grads_seen: dict[str, weakref.ref] = {}
         self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         self._handles.append(optimizer.register_step_post_hook(self._after_step))
-        self._handles.append(model.register_forward_pre_hook(self._on_forward))
         try:
             self.refresh()
         except BaseException:
@@ -236,17 +235,6 @@ class GradientAllreducer:
             self._averaged, self._unaveraged_local = True, False
         if self._passes_per_step > 1:
             self._grads_seen = {n: weakref.ref(p.grad) for n, p in self._tracked.items() if p.grad is not None}
-
-    def _on_forward(self, module: Any, args: Any) -> None:
-        """Forward pre-hook (as DDP resets its reducer): a pass that began and never ended
-        (its backward raised, so autograd dropped the queued callback) is finished here: its
-        all-reduces are waited for and dropped, and the next backward starts a pass of its own.
-        Collective when the pass had started any (every rank's backward raised alike, as
-        when a caught error repeats on every rank)."""
-        if self._in_pass:
-            self._in_pass = self._averaging_pass = False
-            self._passes = max(self._passes - 1, 0)  # the failed pass does not count
-            self._drain()
 
     def _gradients_were_reset(self) -> bool:
         """Whether the gradients this reducer saw at the end of the last pass were replaced

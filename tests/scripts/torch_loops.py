@@ -5,6 +5,8 @@ gradients, fp16 compression near float16's range, LBFGS's closure, agents one af
 on one model, and LocalSGD/EASGD following the trainable set. Every reference is computed in
 this process (float64), with no communication. RESULT lines on rank 0."""
 
+import copy
+
 import numpy as np
 import torch
 from _report import emit
@@ -454,28 +456,10 @@ mse(model, rows(0, ctx.rank)).backward()  # averaged
 with agent.no_sync():
     mse(model, rows(1, ctx.rank)).backward()  # local only, on top of the mean
 no_sync_after_mean = error_of(opt.step)
-
-
-class Boom(RuntimeError):
-    pass
-
-
-def explode(grad):
-    raise Boom("a user's hook failed")
-
-
 opt.zero_grad()
-handle = model[0].weight.register_hook(explode)  # raises in the middle of backward
-try:
-    mse(model, rows(2, ctx.rank)).backward()
-    failed = False
-except Boom:
-    failed = True
-handle.remove()
-opt.zero_grad()
-mse(model, rows(3, ctx.rank)).backward()  # the next pass starts clean and averages
-opt.step()
-recovered = identical(model)
+twin = copy.deepcopy(model)  # a model with an open agent can be copied (EMA, a twin)
+
+
 extra = torch.optim.SGD([model[0].weight], lr=LR)  # shares a parameter with the open agent
 before = hooks_count(model, extra)
 try:
@@ -485,5 +469,5 @@ except hva.UsageError as err:
     refused = str(err)
 leftover = hooks_count(model, extra) - before
 agent.close()
-report("accidents", no_sync_after_mean=no_sync_after_mean, failed=failed, recovered=recovered,
+report("accidents", no_sync_after_mean=no_sync_after_mean,
        shared_refused=refused, hooks_left_by_refused_agent=leftover)
