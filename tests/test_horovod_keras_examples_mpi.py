@@ -20,12 +20,12 @@ def test_tensorflow2_keras_mnist_trains_and_its_checkpoints_load_without_mpi(tmp
     last = tmp_path / "checkpoint-24.keras"
     # hvd.load_model in a plain process (no mpirun): the optimizer comes back distributed, its
     # state included, and loading starts neither MPI nor Horovod
-    code = (f"import sys, hvdagents.keras as hvd; m = hvd.load_model({str(last)!r}); "
+    code = (f"import sys, hvdagents.keras as hvd; m = hvd.load_model({str(last)!r}, compression=hvd.Compression.fp16); "
             "mpi = sys.modules.get('mpi4py.MPI'); "
-            "print(type(m.optimizer).__name__, int(m.optimizer.iterations.numpy()), "
+            "print(type(m.optimizer).__name__, m.optimizer.compression, int(m.optimizer.iterations.numpy()), "
             "bool(mpi and mpi.Is_initialized()), 'horovod.tensorflow' in sys.modules)")
     out = run_command([sys.executable, "-c", code], timeout=180, env=job_env()).check()
-    assert "DistributedOptimizer 6000 False False" in out.stdout, out.output  # 24 epochs x 250 steps
+    assert "DistributedOptimizer fp16 6000 False False" in out.stdout, out.output  # 24 epochs x 250 steps
     # inference in a plain Keras process that never imports hvdagents: compile=False (the README
     # says why the optimizer's class needs hvdagents.keras imported)
     code = (f"import keras, numpy as np; m = keras.models.load_model({str(last)!r}, compile=False); "

@@ -44,8 +44,9 @@ def load_model(filepath: Any, custom_optimizers: Iterable[type] | None = None,
                custom_objects: Mapping[str, Any] | None = None, compression: Any = Compression.none) -> Any:
     """Horovod's ``load_model``: ``keras.models.load_model(filepath)`` with the saved
     optimizer (its state included) wrapped in :class:`DistributedOptimizer` with
-    ``compression``, ready to train on. ``custom_optimizers``: optimizer classes the file
-    names (by class name); ``custom_objects`` as Keras takes them. Local: loading does not
+    ``compression`` (the argument wins over a compression the file names, as in Horovod,
+    whose files name none), ready to train on. ``custom_optimizers``: optimizer classes the
+    file names (by class name); ``custom_objects`` as Keras takes them. Local: loading does not
     communicate (start every rank from rank 0's file, or broadcast after)."""
     import keras
 
@@ -56,6 +57,7 @@ def load_model(filepath: Any, custom_optimizers: Iterable[type] | None = None,
     model = keras.models.load_model(filepath, custom_objects=objects)
     if getattr(model, "optimizer", None) is not None:
         model.optimizer = distributed_outermost(model.optimizer, compression_name(compression))
+        model.optimizer.compression = compression_name(compression)  # the argument, as in Horovod
     return model
 
 
