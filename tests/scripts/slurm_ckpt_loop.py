@@ -37,6 +37,10 @@ def main() -> int:
     parser.add_argument("--step-seconds", type=float, default=0.1)
     parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--csv", default=None)
+    parser.add_argument("--hold-at", type=int, default=0,
+                        help="first run only: at this step, wait (up to --hold-s) for the signal, so "
+                             "that where training stops does not depend on how fast the machine is")
+    parser.add_argument("--hold-s", type=float, default=120.0)
     ns = parser.parse_args()
     ctx = hva.init()
     from mpi4py import MPI
@@ -66,6 +70,13 @@ def main() -> int:
             log.log(step=step, loss=1.0 / step, accuracy=1.0 - 1.0 / (step + 1))
         if step % ns.checkpoint_every == 0:
             save(step)
+        if step == ns.hold_at and not ns.resume:
+            # should_stop() is collective and agreed, and the count of waits is the same on
+            # every rank (no clock of its own), so every rank leaves the wait together
+            for _ in range(int(ns.hold_s / 0.1)):
+                if flag.should_stop():
+                    break
+                time.sleep(0.1)
         if flag.should_stop():
             if step % ns.checkpoint_every:
                 save(step)
