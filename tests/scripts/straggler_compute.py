@@ -1,9 +1,8 @@
-"""A rank slowed x2 by compute: two phases of ``budget`` seconds each in one job, balanced,
-then with the last rank doing every step's forward and backward twice (the second on a
-twin of the model, outside the agent: twice the compute, no sleep). Each rank trains a
-fresh agent per phase and stops on its own clock, with no collective of the script's own
-(under Sync any lock-step comes from the library). Rank 0 prints the steps per rank in each
-phase.
+"""A rank slowed x2 by compute: for each strategy named (comma-separated), ``budget`` seconds
+with the last rank doing every step's forward and backward twice (the second on a twin of the
+model, outside the agent: twice the compute, no sleep). Each rank trains a fresh agent per
+strategy and stops on its own clock, with no collective of the script's own (under Sync any
+lock-step comes from the library). Rank 0 prints the steps per rank, one line per strategy.
 """
 
 import copy
@@ -16,26 +15,26 @@ from _report import emit
 
 import hvdagents as hva
 
-strategy_name, budget = sys.argv[1], float(sys.argv[2])
+strategy_names, budget = sys.argv[1].split(","), float(sys.argv[2])
 ctx = hva.init()
 torch.set_num_threads(1)
 BATCH = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
 
 
-def strategy():
+def strategy(strategy_name: str):
     return {"sync": hva.Sync(), "downpour": hva.Downpour(period=1), "easgd": hva.EASGD(alpha=0.3, period=1),
             "gossip": hva.Gossip(period=1)}[strategy_name]
 
 
-def phase(slowed: bool) -> tuple[int, bytes]:
+def phase(strategy_name: str) -> tuple[int, bytes]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                                 torch.nn.ReLU(), torch.nn.Linear(256, 10))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    chosen = strategy()
+    chosen = strategy(strategy_name)
     agent = hva.TorchAgent(model, optimizer, strategy=chosen)
     x, y = torch.randn(BATCH, 64), torch.randint(0, 10, (BATCH,))
-    twin = copy.deepcopy(model) if slowed and ctx.rank == ctx.size - 1 else None
+    twin = copy.deepcopy(model) if ctx.rank == ctx.size - 1 else None
     ctx.comm.Barrier()
     start, steps = time.monotonic(), 0
     while time.monotonic() - start <= budget:
@@ -49,11 +48,10 @@ def phase(slowed: bool) -> tuple[int, bytes]:
     return steps, agent.flat_parameters().tobytes()
 
 
-balanced, _ = phase(False)
-slowed, params = phase(True)
-counts = ctx.comm.gather((balanced, slowed), root=0)
-finals = ctx.comm.gather(params, root=0)
-if ctx.is_root:
-    emit({"strategy": strategy_name, "balanced": [c[0] for c in counts], "straggler": [c[1] for c in counts],
-          "identical": len(set(finals)) == 1,
-          "finite": bool(np.all(np.isfinite(np.frombuffer(finals[0], np.float32))))})
+for name in strategy_names:
+    steps, params = phase(name)
+    counts = ctx.comm.gather(steps, root=0)
+    finals = ctx.comm.gather(params, root=0)
+    if ctx.is_root:
+        emit({"strategy": name, "straggler": counts, "identical": len(set(finals)) == 1,
+              "finite": bool(np.all(np.isfinite(np.frombuffer(finals[0], np.float32))))})
