@@ -4,6 +4,8 @@ import pytest
 
 from mpirun import run_job
 
+STRATEGIES = ["sync", "localsgd", "downpour", "easgd", "gossip"]
+
 
 @pytest.fixture(scope="module")
 def checks():
@@ -32,16 +34,56 @@ def test_unfrozen_parameters_are_averaged_from_the_step_they_join(checks):
 @pytest.mark.parametrize("case", ["bf16", "mixed_dtypes"])
 def test_bfloat16_and_mixed_dtype_models_train_with_identical_ranks(checks, case):
     result = checks[case]
-    assert result["identical"]
+    assert result["identical"] and result["start_exact"]
     assert result["last"] < 0.8 * result["first"]
     assert "torch.bfloat16" in result["dtypes"]
     assert len(result["dtypes"]) == (2 if case == "mixed_dtypes" else 1)
+    assert result["shared_as"] == "float32"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_float16_models_train_under_every_strategy_with_identical_ranks(checks, strategy):
+    result = checks[f"float16_{strategy}"]
+    assert result["dtypes"] == ["torch.float16"]
+    assert result["identical"] and result["start_exact"]
+    assert result["last"] < 0.8 * result["first"]
+    assert result["shared_as"] == "float32"  # no float64 parameter: float32 (holds float16 exactly)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_float32_and_float64_parameters_train_under_every_strategy_the_float64_ones_in_float64(checks, strategy):
+    result = checks[f"float32_float64_{strategy}"]
+    assert result["dtypes"] == ["torch.float32", "torch.float64"]
+    assert result["identical"]
+    assert result["last"] < 0.8 * result["first"]
+    assert result["shared_as"] == "float64"  # a float64 parameter: everything shared in float64
+    # rank 0's float64 values (off float32's grid) reached every rank exactly, through the
+    # asynchronous strategies' windows too
+    assert result["start_exact"]
+    # and they trained in float64: through float32 every value would be on float32's grid
+    assert result["float64_off_float32_grid"] > 0.5
 
 
 def test_uneven_data_sync_averages_over_the_ranks_still_training(checks):
     uneven = checks["uneven_sync"]
     assert uneven["identical"]
     assert uneven["max_rel"] < 1e-10
+
+
+def test_uneven_data_every_rank_takes_the_optimizer_and_strategy_state_of_the_rank_with_most_steps(checks):
+    uneven = checks["uneven_sync"]
+    assert uneven["optimizer_differed_before_close"]  # rank 0 stopped a step early
+    assert uneven["optimizer_identical"]
+    assert uneven["optimizer_sizes"][0] == uneven["optimizer_sizes"][1] > 0
+    assert uneven["optimizer_max_rel"] < 1e-10  # Adam's moments and steps: the longest rank's
+    assert uneven["runner_states"] == [{"step": 4, "last_sync_step": 4}] * 2
+
+
+def test_a_gradient_on_one_rank_only_counts_as_zero_on_the_others(checks):
+    uneven = checks["uneven_sync"]
+    assert uneven["side_steps"] == 3  # both ranks trained: rank 0's gradient / 2 on every rank
+    assert uneven["side_identical"]
+    assert uneven["side_max_rel"] < 1e-12
 
 
 def test_uneven_data_localsgd_ends_in_one_model(checks):

@@ -112,12 +112,38 @@ report("unfreeze", identical=identical(ours),
        body_moved=float(np.max(np.abs(ours.body.weight.detach() - make(seed=2).body.weight.detach()).numpy())))
 
 
-# 3. bfloat16 and mixed dtypes (a bf16 body, a float32 head) under Sync.
-def low_precision(mixed):
-    model = make(seed=3, dtype=torch.float32)
-    model.body.to(torch.bfloat16) if mixed else model.to(torch.bfloat16)
+# 3. Low precision and mixed dtypes: a body and a head each in its own dtype. Under Sync:
+#    bfloat16, and a bfloat16 body with a float32 head. Under every strategy: float16, and a
+#    float32 body with a float64 head, which the asynchronous strategies must share in float64
+#    (float32 when no parameter is float64). Before the agent every rank scales its parameters
+#    by its own factor (rank 0's head then holds float64 values that float32 cannot), so the
+#    start shows whether rank 0's values arrived exactly, and the end whether the float64
+#    parameters trained in float64 (off float32's grid) or went through float32.
+STRATEGIES = {
+    "sync": hva.Sync,
+    "localsgd": lambda: hva.LocalSGD(period=3),
+    "downpour": lambda: hva.Downpour(period=2),
+    "easgd": lambda: hva.EASGD(alpha=0.3, period=2),
+    "gossip": lambda: hva.Gossip(period=2),
+}
+DTYPE_CASES = {"bf16": (torch.bfloat16, torch.bfloat16), "mixed_dtypes": (torch.bfloat16, torch.float32),
+               "float16": (torch.float16, torch.float16), "float32_float64": (torch.float32, torch.float64)}
 
-    class Cast(torch.nn.Module):  # bf16 body, head in its own dtype
+
+def dtype_model(case, rank):
+    body_dtype, head_dtype = DTYPE_CASES[case]
+    model = make(seed=3, dtype=head_dtype)  # the head, and the unused parameter
+    model.body.to(body_dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + (rank + 1) / 3 * 1e-3)
+    return model
+
+
+def low_precision(case, strategy="sync"):
+    model = dtype_model(case, ctx.rank)
+
+    class Cast(torch.nn.Module):  # each layer takes its input in its own dtype
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
@@ -128,7 +154,9 @@ def low_precision(mixed):
 
     net = Cast(model)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    agent = hva.TorchAgent(net, opt, strategy=hva.Sync())
+    agent = hva.TorchAgent(net, opt, strategy=STRATEGIES[strategy]())
+    rank0 = dtype_model(case, 0)  # rank 0's start, rebuilt here without communication
+    start_exact = all(torch.equal(p, q) for p, q in zip(model.parameters(), rank0.parameters()))
     losses = []
     for s in range(40):
         opt.zero_grad()
@@ -138,43 +166,102 @@ def low_precision(mixed):
         agent.step()
         losses.append(loss.item())
     agent.close()
+    wide = [p.detach().reshape(-1) for p in model.parameters() if p.dtype == torch.float64]
+    off_grid = None
+    if wide:
+        wide = torch.cat(wide)
+        off_grid = float((wide != wide.float().double()).double().mean())
     return {"identical": identical(model), "first": losses[0], "last": losses[-1],
-            "dtypes": sorted({str(p.dtype) for p in model.parameters()})}
+            "dtypes": sorted({str(p.dtype) for p in model.parameters()}), "shared_as": str(agent.dtype),
+            "start_exact": start_exact, "float64_off_float32_grid": off_grid}
 
 
-report("bf16", **low_precision(mixed=False))
-report("mixed_dtypes", **low_precision(mixed=True))
+report("bf16", **low_precision("bf16"))
+report("mixed_dtypes", **low_precision("mixed_dtypes"))
+for case in ("float16", "float32_float64"):
+    for name in STRATEGIES:
+        report(f"{case}_{name}", **low_precision(case, name))
 
 
-# 4. Uneven data: rank r has 3 + r batches, then closes; the others go on. Reference: at every
-#    step, the mean of the gradients of the ranks that still have a batch (the documented rule).
+# 4. Uneven data: rank r has 3 + r batches, then closes; the others go on. Adam (state: moments
+#    and a step count per parameter) and a parameter only rank 0's forward uses (a gradient on
+#    one rank: it counts as zero on the others). Reference: at every step, the sum of the
+#    gradients of the ranks that still have a batch divided by their number (the documented
+#    rule), stepped by one Adam: the model and optimizer state of the rank with the most steps,
+#    which every rank must hold after close.
+class SideNet(Net):
+    """Net, plus ``side``: used in forward on rank 0 only."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.side = torch.nn.Linear(10, 1)
+        self.double()
+
+    def forward(self, x, rank=None):
+        out = super().forward(x)
+        return out + self.side(x) if rank == 0 else out
+
+
 def uneven_batches(rank):
     return [(X[(10 * rank + k) * 4:(10 * rank + k + 1) * 4], Y[(10 * rank + k) * 4:(10 * rank + k + 1) * 4])
             for k in range(3 + rank)]
 
 
-model = make(seed=4)
-opt = torch.optim.SGD(model.parameters(), lr=LR)
+def side_loss(model, rank, step):
+    xb, yb = uneven_batches(rank)[step]
+    return torch.nn.functional.mse_loss(model(xb, rank), yb)
+
+
+def adam(model):
+    return torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def optimizer_state(opt):
+    """Every tensor of the optimizer's state (``step`` too), flattened, in the model's order."""
+    return np.concatenate([torch.as_tensor(t, dtype=torch.float64).reshape(-1).numpy()
+                           for st in opt.state_dict()["state"].values() for _, t in sorted(st.items())])
+
+
+model = SideNet(seed=4)
+opt = adam(model)
+side_grads = []  # rank 0's side gradient as averaged, on every rank, while both train
 with hva.TorchAgent(model, opt, strategy=hva.Sync()) as agent:
-    for xb, yb in uneven_batches(ctx.rank):
+    for step in range(3 + ctx.rank):
         opt.zero_grad()
-        loss_of(model, xb, yb).backward()
+        side_loss(model, ctx.rank, step).backward()
+        if step < 3:
+            side_grads.append(model.side.weight.grad.clone())
         agent.step()
-reference = make(seed=4)
-ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
+    before_close = optimizer_state(opt)
+steps_after = ctx.comm.allgather(agent.runner_state.to_dict())
+reference = SideNet(seed=4)
+ref_opt = adam(reference)
+ref_side = []
 for step in range(3 + ctx.size - 1):
     active = [r for r in range(ctx.size) if step < 3 + r]
     grads = []
     for r in active:
         reference.zero_grad()
-        loss_of(reference, *uneven_batches(r)[step]).backward()
+        side_loss(reference, r, step).backward()
         grads.append([p.grad.clone() if p.grad is not None else None for p in reference.parameters()])
     for i, p in enumerate(reference.parameters()):
         present = [g[i] for g in grads if g[i] is not None]
         p.grad = sum(present) / len(active) if present else None
+    if step < 3:
+        ref_side.append(reference.side.weight.grad.clone())
     ref_opt.step()
+ours_state, ref_state = optimizer_state(opt), optimizer_state(ref_opt)
 report("uneven_sync", identical=identical(model),
-       max_rel=float(np.max(np.abs(flat(model) - flat(reference))) / np.max(np.abs(flat(reference)))))
+       max_rel=float(np.max(np.abs(flat(model) - flat(reference))) / np.max(np.abs(flat(reference)))),
+       optimizer_max_rel=float(np.max(np.abs(ours_state - ref_state)) / np.max(np.abs(ref_state))),
+       optimizer_sizes=[ours_state.size, ref_state.size],
+       optimizer_identical=len({b.tobytes() for b in ctx.comm.allgather(ours_state)}) == 1,
+       optimizer_differed_before_close=len({b.tobytes() for b in ctx.comm.allgather(before_close)}) > 1,
+       runner_states=steps_after,
+       side_steps=len(side_grads),
+       side_max_rel=float(max(torch.max(torch.abs(a - b)) / torch.max(torch.abs(b))
+                              for a, b in zip(side_grads, ref_side))),
+       side_identical=len(set(ctx.comm.allgather(torch.cat(side_grads).numpy().tobytes()))) == 1)
 
 # 5. Uneven data under LocalSGD: every rank ends with the same model.
 model = make(seed=5)

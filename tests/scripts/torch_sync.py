@@ -1,6 +1,10 @@
-"""Sync-training checks for TorchAgent, run under mpirun -np 2. Prints RESULT lines on rank 0."""
+"""Sync-training checks for TorchAgent, run under mpirun -np 2. Prints RESULT lines on rank 0.
+
+The last two checks refuse: models that differ between ranks (names, dtypes, buffers), and
+one-sided windows whose probe totals come back wrong (last: the verdict is cached)."""
 
 import copy
+import hashlib
 import json
 import tempfile
 
@@ -31,13 +35,41 @@ def report(name, **values):
         print("RESULT " + json.dumps({"check": name, **values}), flush=True)
 
 
-def train(agent, model, optimizer, steps=STEPS):
+def digest(model, optimizer, what):
+    """A hash of the parameters, their gradients (``what="grads"``) or the parameters and the
+    optimizer's state (``what="state"``), to compare the ranks' bits."""
+    h = hashlib.sha256()
+    if what == "grads":
+        tensors = [p.grad for p in model.parameters()]
+    else:
+        tensors = [*model.parameters(), *(t for st in optimizer.state.values() for t in st.values()
+                                         if torch.is_tensor(t))]
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def train(agent, model, optimizer, steps=STEPS, digests=None):
+    """``digests``: a list to append, at every step, the hash of the gradients after backward
+    and of the parameters and optimizer state after the step."""
     for s in range(steps):
         xb, yb = X[s * BATCH:(s + 1) * BATCH], Y[s * BATCH:(s + 1) * BATCH]
         mine = hva.shard(np.arange(BATCH))
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(xb[mine]), yb[mine]).backward()
+        if digests is not None:
+            digests.append(digest(model, optimizer, "grads"))
         agent.step()
+        if digests is not None:
+            digests.append(digest(model, optimizer, "state"))
+
+
+def every_step_identical(name, digests):
+    """Report whether every rank hashed the same bits at every step (gathered once, at the end:
+    no collective of the script's own between steps)."""
+    gathered = hvd.allgather_object(digests)
+    report(name, identical=all(d == gathered[0] for d in gathered), hashes=len(digests),
+           distinct=len(set(digests)), ranks=len(gathered))
 
 
 # 1. ranks seeded differently start from rank 0's weights
@@ -48,8 +80,44 @@ optimizer = torch.optim.SGD(model.parameters(), lr=LR)
 agent = hva.TorchAgent(model, optimizer, strategy=hva.Sync())
 report("starts_from_rank0", equal=bool(np.array_equal(flat(model), flat(rank0_initial))))
 
-# 2. equivalence with one process on the full batches (float64, plain SGD)
-train(agent, model, optimizer)
+
+# 1b. ... and from rank 0's buffers and optimizer state: before the agent, each rank trains on
+#     its own for 1 + rank steps (Adam's moments and step counts, BatchNorm's running statistics
+#     and num_batches_tracked then differ per rank); after, every tensor is rank 0's, bitwise.
+def trained_alone(rank):
+    torch.manual_seed(200 + rank)
+    m = torch.nn.Sequential(torch.nn.Linear(10, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(),
+                            torch.nn.Linear(8, 1)).double()
+    o = torch.optim.Adam(m.parameters(), lr=0.01)
+    for k in range(1 + rank):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(X[k * 8:(k + 1) * 8] + rank), Y[k * 8:(k + 1) * 8]).backward()
+        o.step()
+    return m, o
+
+
+def state_parts(m, o):
+    """Bytes of the parameters, the buffers and the optimizer's state tensors (``step`` too)."""
+    optim = [t for st in o.state_dict()["state"].values() for _, t in sorted(st.items())]
+    return {"parameters": [p.detach().numpy().tobytes() for p in m.parameters()],
+            "buffers": [b.numpy().tobytes() for b in m.buffers()],
+            "optimizer": [torch.as_tensor(t).numpy().tobytes() for t in optim]}
+
+
+m1, o1 = trained_alone(ctx.rank)
+before1 = hvd.allgather_object(state_parts(m1, o1))
+a1 = hva.TorchAgent(m1, o1, strategy=hva.Sync())
+after1 = hvd.allgather_object(state_parts(m1, o1))
+rank0_alone = state_parts(*trained_alone(0))  # rank 0's state, rebuilt here without communication
+a1.close()
+report("starts_from_rank0_state",
+       **{f"{part}_equal": all(a[part] == rank0_alone[part] for a in after1) for part in rank0_alone},
+       **{f"{part}_differed": len({repr(b[part]) for b in before1}) > 1 for part in rank0_alone})
+
+# 2. equivalence with one process on the full batches (float64, plain SGD); every step's
+#    gradients and parameters hashed on every rank
+sync_digests = []
+train(agent, model, optimizer, digests=sync_digests)
 reference = rank0_initial
 ref_opt = torch.optim.SGD(reference.parameters(), lr=LR)
 for s in range(STEPS):
@@ -63,6 +131,7 @@ report("equivalence", max_rel=float(np.max(np.abs(ours - theirs)) / np.max(np.ab
 # 3. bit-identical on every rank after k sync steps
 gathered = hvd.allgather_object(ours.tobytes())
 report("identical", identical=all(g == gathered[0] for g in gathered), ranks=len(gathered))
+every_step_identical("identical_every_step", sync_digests)
 sync_params = ours
 
 # 4. LocalSGD(period=1) with plain SGD == Sync
@@ -86,7 +155,10 @@ def epochs(agent, model, optimizer, n):
 
 
 m3, o3, a3 = fresh(7)
-epochs(a3, m3, o3, 3)
+momentum_digests = []
+for _ in range(3):
+    train(a3, m3, o3, digests=momentum_digests)
+every_step_identical("identical_every_step_momentum", momentum_digests)
 with tempfile.TemporaryDirectory() as tmp:
     path = hvd.broadcast_object(tmp, root_rank=0) + "/ckpt.pt"
     m4, o4, a4 = fresh(7)
@@ -132,3 +204,52 @@ try:
 except hva.UsageError as err:
     message = str(err)
 report("zero_grad_before_step", message=message, unchanged=bool(np.array_equal(before8, flat(model8))))
+
+
+# 9. Models that differ between ranks in names, dtypes or buffers: ModelMismatchError on every
+#    rank naming the parameter, before any collective on the model (rank 1's tensors stay its
+#    own: nothing was broadcast), and the job goes on (no rank is left inside a collective).
+class Small(torch.nn.Module):
+    def __init__(self, seed, head="head", head_dtype=torch.float64, extra_buffer=False,
+                 buffer_dtype=torch.float64):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = torch.nn.Linear(8, 4).double()
+        setattr(self, head, torch.nn.Linear(4, 1).to(head_dtype))
+        self.register_buffer("scale", torch.ones(4, dtype=buffer_dtype))
+        if extra_buffer:
+            self.register_buffer("shift", torch.zeros(4, dtype=torch.float64))
+
+
+MISMATCHES = {  # rank 1's model; rank 0 builds Small(seed) with the defaults
+    "names": {"head": "out"},
+    "dtypes": {"head_dtype": torch.float32},
+    "extra_buffer": {"extra_buffer": True},
+    "buffer_dtype": {"buffer_dtype": torch.float32},
+}
+for case, differs in MISMATCHES.items():
+    model9 = Small(300 + ctx.rank, **(differs if ctx.rank == 1 else {}))
+    own = {k: v.clone() for k, v in model9.state_dict().items()}
+    try:
+        hva.TorchAgent(model9, torch.optim.SGD(model9.parameters(), lr=LR), strategy=hva.Sync()).close()
+        outcome = "not refused"
+    except hva.ModelMismatchError as err:
+        outcome = f"ModelMismatchError: {err}"
+    untouched = all(torch.equal(own[k], v) for k, v in model9.state_dict().items())
+    report(f"mismatch_{case}", outcomes=hvd.allgather_object(outcome), untouched=hvd.allgather_object(untouched))
+
+
+# 10. LAST (the probe's verdict is cached per communicator): windows whose probe totals come back
+#     wrong are refused on every rank before any push. Rank 1 sends one probe round fewer, so
+#     every rank's totals are off by one (real windows, real accumulates, wrong totals).
+from hvdagents.strategies.windows import transport  # noqa: E402
+
+if ctx.rank == 1:
+    transport.PROBE_ROUNDS -= 1
+model10 = make_model(seed=5)
+try:
+    hva.TorchAgent(model10, torch.optim.SGD(model10.parameters(), lr=LR), strategy=hva.Downpour()).close()
+    outcome = "not refused"
+except hva.OneSidedUnavailableError as err:
+    outcome = f"OneSidedUnavailableError: {err}"
+report("probe_refuses_wrong_totals", outcomes=hvd.allgather_object(outcome))
