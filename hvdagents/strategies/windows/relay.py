@@ -12,7 +12,7 @@ it to its own memory with the same MPI operation and answers. The target's train
 takes no part: the service thread polls with ``Improbe`` and sleeps between polls (about 2 %
 of a core while idle), mpi4py releases the GIL while MPI works, and while a relay serves,
 Python's thread switch interval is lowered to :data:`SWITCH_INTERVAL_S` so that a training
-thread holding the GIL hands it over within half a millisecond.
+thread holding the GIL hands it over within a tenth of a millisecond.
 
 ``HVDAGENTS_WINDOWS`` chooses the groups, the same value on every rank:
 
@@ -58,11 +58,13 @@ POLL_FIRST_S = 20e-6
 POLL_MAX_S = 1e-3
 
 #: Python's thread switch interval while a relay serves (``sys.setswitchinterval``; the
-#: default is 5 ms). A request takes the service thread about six GIL hand-overs; with the
-#: default, a training thread that holds the GIL (pure-Python work) made a 4 MB push + pull to
-#: it take 70 ms across the simulated hosts, 30-40 ms with 0.5 ms. The interval only matters
-#: while another thread waits for the GIL, which the sleeping service thread does not.
-SWITCH_INTERVAL_S = 0.5e-3
+#: default is 5 ms). A request takes the service thread about six GIL hand-overs (each MPI call
+#: releases the GIL and takes it back); against a training thread that holds the GIL
+#: (pure-Python work), a 4 MB push + pull across the simulated hosts took 70 ms with the
+#: default, 30-40 ms with 0.5 ms (medians of 57 and 74 ms in 2 runs of 5), and 20-30 ms with
+#: 0.1 ms, as against a trainer that releases the GIL (NumPy). The interval only matters while
+#: another thread waits for the GIL, which the sleeping service thread does not.
+SWITCH_INTERVAL_S = 0.1e-3
 
 
 def window_mode(env: Optional[dict[str, str]] = None) -> str:
