@@ -56,6 +56,19 @@ def _open_mpi_major():
     return int(found.group(1)) if found else None
 
 
+def _windows_across_hosts_refused():
+    """Whether this MPI refuses windows across the hosts: Debian's Open MPI 4.1 over TCP does,
+    Open MPI 5 does not. Another MPI: what to expect is not known, and the test that asks is
+    skipped with that reason instead of taking either branch unnoticed."""
+    from mpi4py import MPI
+
+    major = _open_mpi_major()
+    if major is None:
+        pytest.skip(f"not Open MPI ({MPI.Get_library_version().splitlines()[0]!r}): the expected "
+                    "cross-host verdict is known for Open MPI 4 and 5 only")
+    return major == 4
+
+
 def test_the_store_across_hosts_loses_no_update(two_hosts):
     # the default layout: MPI windows inside each host, the relay between the hosts
     found = _store_results(two_hosts)
@@ -85,7 +98,7 @@ def test_mpi_windows_across_hosts_are_exact_or_refused_on_every_rank(two_hosts):
     found = _store_results(two_hosts, env={"HVDAGENTS_WINDOWS": "mpi"})
     if all(c["refused"] for c in found):
         # Debian's Open MPI 4.1 over TCP cannot create windows across nodes: refused, with fixes
-        assert _open_mpi_major() == 4
+        assert _windows_across_hosts_refused(), found
         for c in found:
             assert "MPI cannot create a one-sided window across nodes" in c["message"]
             assert "HVDAGENTS_WINDOWS at auto" in c["message"] and "Sync" in c["message"]
@@ -130,11 +143,12 @@ def test_doctor_reports_mpi_windows_across_hosts(two_hosts):
                         env={"HVDAGENTS_WINDOWS": "mpi"})
     (line,) = [ln for ln in job.stdout.splitlines() if ln.startswith("[") and "one-sided windows" in ln]
     verdict = job.stdout.strip().splitlines()[-1]
-    if _open_mpi_major() == 4:
+    if _windows_across_hosts_refused():
         assert line.startswith("[warn]") and "cannot create a one-sided window across nodes" in line
-        assert "synchronous strategies only" in verdict
-    else:
-        assert line.startswith("[  ok]") and "none lost" in line
+        assert "synchronous strategies only" in verdict, verdict
+    else:  # windows across the hosts work: nothing to warn about
+        assert line.startswith("[  ok]") and "none lost" in line, line
+        assert verdict == "verdict: ready", verdict
 
 
 # Every asynchronous strategy across the hosts (2 x 2 ranks, the relay between them), the
@@ -150,11 +164,12 @@ def test_async_strategies_reach_one_consensus_across_hosts(two_hosts, strategy):
     assert len(steps.split(",")) == 2 * SLOTS and all(int(s) > 0 for s in steps.split(","))
 
 
-# One rank per host; the rank on node2 does every step's forward and backward twice (compute,
-# not sleep). Each phase runs 4 s, each rank on its own clock (the script has no collective of its
-# own); measured here: Downpour's slow rank 240 -> 140 steps while the fast one kept its pace
-# (253 -> 269). What is asserted compares the two ranks inside the straggler phase, never two
-# phases (the shared machine's pace changes between them) nor the machine's pace.
+# One rank per host; the rank on node2 does every step's forward and backward three times
+# (compute, not sleep), each rank on its own clock for 4 s (the script has no collective of its
+# own). What is asserted compares the two ranks inside that phase, never two phases nor the
+# machine's pace. The asynchronous fast rank's steps also wait for the slowed host's relay, more
+# so on a loaded machine: with x2 compute, beside other MPI jobs, Downpour made 25 vs 19 steps;
+# with x3, beside other jobs, the straggler made 0.43-0.54 of the fast rank's steps.
 STRAGGLER_STRATEGIES = ["sync", "downpour", "easgd", "gossip"]
 
 
@@ -178,4 +193,4 @@ def test_a_rank_slowed_by_compute_on_another_host_does_not_slow_the_others(slowe
     else:
         # not held back: the fast rank makes clearly more steps than the straggler in the same
         # 4 s (held back, as Sync, they would make the same count)
-        assert slow <= 0.75 * fast, found
+        assert slow <= 0.8 * fast, found

@@ -1,6 +1,6 @@
-"""A rank slowed x2 by compute: for each strategy named (comma-separated), ``budget`` seconds
-with the last rank doing every step's forward and backward twice (the second on a twin of the
-model, outside the agent: twice the compute, no sleep). Each rank trains a fresh agent per
+"""A rank slowed x3 by compute: for each strategy named (comma-separated), ``budget`` seconds
+with the last rank doing every step's forward and backward three times (twice more on a twin
+of the model, outside the agent: three times the compute, no sleep). Each rank trains a fresh agent per
 strategy and stops on its own clock, with no collective of the script's own (under Sync any
 lock-step comes from the library). Rank 0 prints the steps per rank, one line per strategy.
 """
@@ -41,7 +41,8 @@ def phase(strategy_name: str) -> tuple[int, bytes]:
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         if twin is not None:
-            torch.nn.functional.cross_entropy(twin(x), y).backward()
+            for _ in range(2):
+                torch.nn.functional.cross_entropy(twin(x), y).backward()
         agent.step()
         steps += 1
     agent.close()
