@@ -7,10 +7,26 @@ from mpirun import run_job
 STRATEGIES = ["sync", "localsgd", "downpour", "easgd", "gossip"]
 
 
+class Checks(dict):
+    """The job's RESULT lines by check; a missing one fails its test with the job's output
+    (the job itself is checked by its own test, so one broken check fails alone)."""
+
+    def __init__(self, job):
+        super().__init__((r["check"], r) for r in job.results())
+        self.job = job
+
+    def __missing__(self, name):
+        raise AssertionError(f"no RESULT for {name!r}; the job {'timed out' if self.job.timed_out else 'exited'} "
+                             f"{self.job.returncode}:\n{self.job.output[-6000:]}")
+
+
 @pytest.fixture(scope="module")
 def checks():
-    job = run_job("torch_models.py", np=2, timeout=180).check()
-    return {r["check"]: r for r in job.results()}
+    return Checks(run_job("torch_models.py", np=2, timeout=180))
+
+
+def test_the_job_runs_every_check_to_the_end(checks):
+    checks.job.check()
 
 
 def test_frozen_layer_fine_tuning_equals_one_process_on_the_full_batch(checks):
