@@ -16,10 +16,10 @@ from typing import IO, Any, Sequence
 
 import numpy as np
 
-from .checkpoint import write_atomic
+from .checkpoint import CheckpointError, write_atomic
 from .collectives import allgather_object, bcast_object, mean_over_ranks
 from .errors import ClosedError, ModelMismatchError
-from .runtime import Context, horovod_binding, init, pin_gpu
+from .runtime import Context, agent_closed, agent_opened, horovod_binding, init, pin_gpu
 from .strategies.base import Runner, RunnerState
 from .strategies.config import Strategy, Sync
 from .strategies.registry import make_runner
@@ -218,7 +218,11 @@ class Agent(ABC):
         return self._runner.state
 
     def _start_strategy(self) -> None:
+        """Collective, last step of a constructor: start the strategy; from then on the agent
+        is open, and a rank that exits without :meth:`close` ends the job (see
+        :func:`hvdagents.runtime.agent_opened`)."""
         self._runner.start(self)
+        agent_opened(self, f"{type(self).__name__}({type(self.strategy).__name__})")
 
     def _after_local_step(self) -> None:
         self._runner.after_step(self)
@@ -230,28 +234,46 @@ class Agent(ABC):
     # -- checkpoints -------------------------------------------------------------------------
     @abstractmethod
     def _framework_state(self) -> Any:
-        """Host copies of the model's and optimizer's state (picklable)."""
+        """Host copies of the model's and optimizer's state (what :meth:`_write_payload` stores)."""
 
     @abstractmethod
     def _restore_framework_state(self, state: Any) -> None:
         """Load what :meth:`_framework_state` returned into the model and optimizer."""
 
     @abstractmethod
-    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None: ...
+    def _checkpoint_header(self) -> dict:
+        """What a checkpoint of this agent is for (:func:`hvdagents.checkpoint.header`)."""
 
     @abstractmethod
-    def _read_payload(self, handle: IO[bytes]) -> dict: ...
+    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
+        """Write ``payload`` without pickling anything that loading would have to trust;
+        raise :class:`~hvdagents.checkpoint.CheckpointError` naming the ``extra`` key that
+        cannot be stored so, before writing."""
+
+    @abstractmethod
+    def _read_payload(self, path: str) -> dict:
+        """Read and check what :meth:`_write_payload` wrote (CRC, no code run, header); raise
+        :class:`~hvdagents.checkpoint.CheckpointError` naming the file and the fault."""
 
     def save_checkpoint(self, path: str | os.PathLike, **extra: Any) -> None:
         """Rank 0 writes model, optimizer, strategy state and ``extra`` (e.g. ``epoch=3``)
-        atomically: a temporary file, then a rename. Other ranks return at once; not collective.
-        With an asynchronous strategy rank 0 saves its own model and, for Downpour and EASGD,
-        the centre (pulled one-sidedly), which :meth:`load_checkpoint` puts back; ``close()``
-        first for the consensus."""
+        atomically and durably: a temporary file, fsync, a rename, fsync of the directory (a
+        crash at any point leaves the previous checkpoint or this one, whole). Other ranks
+        return at once; not collective. With an asynchronous strategy rank 0 saves its own
+        model and, for Downpour and EASGD, the centre (pulled one-sidedly), which
+        :meth:`load_checkpoint` puts back; ``close()`` first for the consensus.
+
+        ``extra`` values must load without running code: None, bool, int, float, str, lists,
+        tuples and dicts of them, and tensors (``TorchAgent``: what ``torch.load(...,
+        weights_only=True)`` accepts, classes registered with
+        ``torch.serialization.add_safe_globals`` included) or NumPy arrays of numbers
+        (``KerasAgent``). Another value raises :class:`~hvdagents.checkpoint.CheckpointError`
+        naming its key, and nothing is written."""
         self._check_open()
         if not self.context.is_root:
             return
         payload = {
+            **self._checkpoint_header(),
             "framework_state": self._framework_state(),
             "strategy_state": self.runner_state.to_dict(),
             "strategy_shared": self._runner.snapshot(),  # the centre, pulled one-sidedly
@@ -261,23 +283,46 @@ class Agent(ABC):
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Collective: rank 0 reads ``path`` and every rank resumes from it (model,
-        optimizer, strategy state); returns the ``extra`` values saved with it. A missing or
-        unreadable file raises ``FileNotFoundError`` on every rank, naming the file."""
+        optimizer, strategy state); returns the ``extra`` values saved with it.
+
+        Rank 0 checks the file before any rank changes anything: every CRC-32 (truncated or
+        corrupted files), nothing unpickled that could run code, and the same framework,
+        checkpoint format version, parameters (names, shapes, dtypes), optimizer and
+        strategy as this agent. A refused file raises
+        :class:`~hvdagents.checkpoint.CheckpointError` on every rank, naming the file and
+        what differs, with every rank's model and optimizer as they were; a missing file
+        raises ``FileNotFoundError`` on every rank."""
         self._check_open()
         payload: Any = None
         error = None
         if self.context.rank == ROOT_RANK:
+            name = os.fspath(path)
             try:
-                with open(path, "rb") as handle:
-                    payload = self._read_payload(handle)
+                payload = self._read_payload(name)
+                shared = payload.get("strategy_shared")
+                if shared is not None and np.shape(shared) != (self.num_parameters,):
+                    raise CheckpointError(
+                        f"checkpoint {name!r} holds a centre of shape {np.shape(shared)} for "
+                        f"{self.num_parameters} parameters; it was not loaded"
+                    )
+            except FileNotFoundError as err:
+                error = ("missing", f"cannot read checkpoint {name!r}: {err.strerror or err}")
+            except CheckpointError as err:
+                error = ("refused", str(err))
             except Exception as err:  # noqa: BLE001 - reported on every rank below
-                error = f"cannot read checkpoint {os.fspath(path)!r}: {type(err).__name__}: {err}"
+                error = ("refused", f"cannot read checkpoint {name!r}: {type(err).__name__}: {err}")
+            if error is None:
+                try:
+                    self._restore_framework_state(payload["framework_state"])
+                except Exception as err:  # noqa: BLE001 - checked above: not expected
+                    error = ("refused", f"loading checkpoint {name!r} into rank 0's model failed, after the "
+                                        f"checks passed (rank 0's model may be partly loaded): "
+                                        f"{type(err).__name__}: {err}")
         error = self._broadcast_object(error, name="hvdagents.ckpt.error")
         if error:
-            raise FileNotFoundError(error)
+            raise (FileNotFoundError if error[0] == "missing" else CheckpointError)(error[1])
         shared = None
         if self.context.rank == ROOT_RANK:
-            self._restore_framework_state(payload["framework_state"])
             rest = {"strategy_state": payload["strategy_state"], "extra": payload["extra"]}
             shared = payload.get("strategy_shared")  # read by rank 0 only (the centre's init)
             del payload  # the model holds the state now: do not keep a second copy
@@ -316,6 +361,7 @@ class Agent(ABC):
         self._runner.finish(self)
         self._agree_on_state()
         self._closed = True
+        agent_closed(self)
 
     def __enter__(self) -> Agent:
         return self

@@ -8,8 +8,8 @@ mode and inside Keras' compiled ``tf.function`` train step.
 
 from __future__ import annotations
 
+import io
 import os
-import pickle
 import re
 from typing import IO, Any, Sequence
 
@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
+from ..checkpoint import check_archive, check_header, framework_of, header, read_arrays, write_arrays, wrong_framework
 from ..collectives import bcast_array
 from ..errors import UsageError
 from ..keras.collectives import broadcast_variables
@@ -29,6 +30,7 @@ __all__ = ["KerasAgent"]
 
 #: Keras' automatic suffix of a repeated name: ``dense_3`` in ``sequential_1/dense_3/kernel``.
 _AUTO_NUMBER = re.compile(r"_\d+(?=/|$)")
+_ANY_NUMBER = re.compile(r"_\d+")
 
 
 class _KeepWrapper:
@@ -236,8 +238,37 @@ class KerasAgent(Agent):
         for v, value in zip(self.model.optimizer.variables, state["optimizer"]):
             v.assign(value)
 
-    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
-        pickle.dump(payload, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    def _optimizer_variables(self) -> list[list[Any]]:
+        """Path (every ``_N`` taken out: Keras numbers optimizer variables after the layers'
+        automatic names), shape and dtype of each optimizer variable."""
+        return [[_ANY_NUMBER.sub("", v.path), [int(d) for d in v.shape], str(v.dtype)]
+                for v in self.model.optimizer.variables]
 
-    def _read_payload(self, handle: IO[bytes]) -> dict:
-        return pickle.load(handle)
+    def _checkpoint_header(self) -> dict:
+        return header("keras", self._signature(),
+                      {"class": type(self.model.optimizer).__name__, "variables": self._optimizer_variables()},
+                      type(self.strategy).__name__)
+
+    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
+        """No pickle: NumPy ``.npy`` arrays and a JSON manifest in a zip archive (format 1 of
+        :mod:`hvdagents.checkpoint`); an ``extra`` value that cannot be stored so is refused,
+        by name, before anything is written."""
+        meta = {k: payload[k] for k in ("format", "version", "framework", "model", "optimizer", "strategy")}
+        meta["strategy_state"] = payload["strategy_state"]
+        tree = {"weights": payload["framework_state"]["weights"],
+                "optimizer_state": payload["framework_state"]["optimizer"],
+                "strategy_shared": payload["strategy_shared"]}
+        for key, value in payload["extra"].items():
+            write_arrays(io.BytesIO(), {}, {f"save_checkpoint: extra value {key!r}": value})  # refuse by name
+        tree["extra"] = payload["extra"]
+        write_arrays(handle, meta, tree)
+
+    def _read_payload(self, path: str) -> dict:
+        with check_archive(path) as archive:
+            found = framework_of(archive)
+            if found != "keras":
+                raise wrong_framework(path, found, "keras")
+            meta, tree = read_arrays(path, archive)
+        check_header(path, meta, self._checkpoint_header())
+        return {**meta, "framework_state": {"weights": tree["weights"], "optimizer": tree["optimizer_state"]},
+                "strategy_shared": tree["strategy_shared"], "extra": tree["extra"]}

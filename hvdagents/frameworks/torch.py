@@ -14,14 +14,19 @@ strategies exchange a host copy in float64 when any parameter is float64, else f
 
 from __future__ import annotations
 
+import io
+import pickle
+import re
 import weakref
-from contextlib import nullcontext
-from typing import IO, Any, Callable, ContextManager
+from contextlib import contextmanager, nullcontext
+from typing import IO, Any, Callable, ContextManager, Iterator
 
 import numpy as np
 import torch
+from torch.utils.serialization import config as serialization_config
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
+from ..checkpoint import CheckpointError, check_archive, check_header, framework_of, header, wrong_framework
 from ..collectives import bcast_array, bcast_tree
 from ..errors import ModelMismatchError, UsageError
 from ..strategies.config import Strategy, Sync
@@ -324,10 +329,90 @@ class TorchAgent(Agent):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
-        torch.save(payload, handle)
+    def _checkpoint_header(self) -> dict:
+        groups = [len(group["params"]) for group in self.optimizer.param_groups]
+        return header("torch", self._signature(), {"class": type(self.optimizer).__name__, "groups": groups},
+                      type(self.strategy).__name__)
 
-    def _read_payload(self, handle: IO[bytes]) -> dict:
-        # Memory-mapped: the tensors are read from the file as they are copied into the model,
-        # so resuming does not hold a second copy of the state in memory.
-        return torch.load(handle.name, map_location="cpu", weights_only=False, mmap=True)
+    def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
+        """``torch.save`` of plain types and tensors only (the centre as a tensor), so that
+        :meth:`_read_payload` loads it with ``weights_only=True``; an ``extra`` value or
+        optimizer state that would not load so is refused first, by name."""
+        for key, value in payload["extra"].items():
+            _check_weights_only(value, f"save_checkpoint: extra value {key!r}")
+        payload = dict(payload)
+        state = payload["framework_state"]
+        _check_weights_only(state["optimizer"], f"save_checkpoint: the state of {type(self.optimizer).__name__}")
+        if payload["strategy_shared"] is not None:
+            payload["strategy_shared"] = torch.from_numpy(np.ascontiguousarray(payload["strategy_shared"]))
+        with _crc32_on():
+            torch.save(payload, handle)
+
+    def _read_payload(self, path: str) -> dict:
+        # Every member's CRC-32 first (torch.load checks none), then weights_only: plain types
+        # and tensors only, nothing that can run code. Memory-mapped: the tensors are read from
+        # the file as they are copied into the model, so resuming does not hold a second copy.
+        with check_archive(path) as archive:
+            found = framework_of(archive)
+        if found != "torch":
+            raise wrong_framework(path, found, "torch")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path!r} is not a safe checkpoint: unpickling it would call {_unsafe_global(err)}, which is "
+                "neither a tensor nor a plain type and could run any code; it was not loaded (nothing in it ran)"
+            ) from err
+        check_header(path, payload, self._checkpoint_header())
+        if payload.get("strategy_shared") is not None:
+            payload["strategy_shared"] = payload["strategy_shared"].numpy()
+        return payload
+
+
+def _zeroed_tensors(value: Any) -> Any:
+    """``value`` with every tensor replaced by an empty one of its dtype (a cheap stand-in for
+    checking what pickling it needs)."""
+    if torch.is_tensor(value):
+        return torch.empty(0, dtype=value.dtype)
+    if type(value) in (list, tuple):
+        return type(value)(_zeroed_tensors(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _zeroed_tensors(v)) for k, v in value.items())
+    return value
+
+
+def _check_weights_only(value: Any, what: str) -> None:
+    """Raise :class:`CheckpointError` unless ``value`` loads with ``torch.load(...,
+    weights_only=True)`` (plain types, tensors, classes registered with
+    ``torch.serialization.add_safe_globals``)."""
+    buffer = io.BytesIO()
+    try:
+        torch.save(_zeroed_tensors(value), buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means: would not load safely
+        reason = (f"it pickles as a call to {_unsafe_global(err)}" if isinstance(err, pickle.UnpicklingError)
+                  else f"{type(err).__name__}: {err}")
+        raise CheckpointError(
+            f"{what} cannot be stored in a checkpoint that loads without running code ({reason}); store "
+            "None, bool, int, float, str, lists, tuples, dicts and tensors, or register the class with "
+            "torch.serialization.add_safe_globals. Nothing was written."
+        ) from err
+
+
+def _unsafe_global(err: Exception) -> str:
+    """The global that ``torch.load(..., weights_only=True)`` refused, from its message."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return found.group(1) if found else (str(err).splitlines() or ["an unsupported global"])[0]
+
+
+@contextmanager
+def _crc32_on() -> Iterator[None]:
+    """``torch.save`` with a CRC-32 per member (PyTorch's default), which loading checks."""
+    config = serialization_config.save
+    before = config.compute_crc32
+    config.compute_crc32 = True
+    try:
+        yield
+    finally:
+        config.compute_crc32 = before

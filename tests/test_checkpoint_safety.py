@@ -1,0 +1,213 @@
+"""Checkpoints: written atomically and durably, never a mix after a crash, never running code
+when loaded. Single process: the functions of ``hvdagents.checkpoint`` here, the agents in
+plain processes (a world of one) through ``tests/scripts/checkpoint_faults.py``.
+
+The kill test SIGKILLs the writing process at 10 points spread over ``save_checkpoint`` of a
+270 MB checkpoint, per framework. Only rank 0 ever writes, so one process is the writing rank.
+What a kill cannot show: that the fsync of the directory makes the rename survive a power
+loss (the page cache survives a killed process); the order of the fsyncs is checked instead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import numpy as np
+import pytest
+
+from hvdagents import checkpoint
+from hvdagents.checkpoint import CheckpointError, check_archive, read_arrays, write_arrays, write_atomic
+from mpirun import SCRIPTS, job_env, run_command
+
+SCRIPT = SCRIPTS / "checkpoint_faults.py"
+KILLS = 10
+
+
+# -- write_atomic ---------------------------------------------------------------------------------
+def test_write_atomic_fsyncs_the_file_then_renames_then_fsyncs_the_directory(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_atomic(tmp_path / "ckpt", lambda f: f.write(b"data"))
+    assert events == ["fsync file", "rename", "fsync dir"]
+
+
+def test_write_atomic_removes_its_own_leftovers_only(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    write_atomic(target, lambda f: f.write(b"old"))
+    left = tmp_path / ".ckpt.pt.abcd_123.tmp"  # what a killed writer of ckpt.pt leaves
+    others = [tmp_path / ".ckpt.pt.x.abcd_123.tmp", tmp_path / ".other.abcd_123.tmp", tmp_path / "ckpt.pt.tmp"]
+    for path in [left, *others]:
+        path.write_bytes(b"half")
+    write_atomic(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new"
+    assert not left.exists()
+    assert all(p.exists() for p in others)  # another target's temporary, the user's own files
+
+
+# -- reading -------------------------------------------------------------------------------------
+def test_a_truncated_or_corrupted_archive_is_refused_naming_the_fault(tmp_path):
+    good = tmp_path / "good"
+    arrays = [np.arange(100_000, dtype=np.float32), np.ones((3, 4))]
+    write_atomic(good, lambda f: write_arrays(f, {"v": 1}, {"weights": arrays}))
+    with check_archive(str(good)) as archive:
+        meta, tree = read_arrays(str(good), archive)
+    assert meta == {"v": 1} and all(np.array_equal(a, b) for a, b in zip(tree["weights"], arrays))
+    data = good.read_bytes()
+    (tmp_path / "half").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"'.*half' is truncated or corrupted: a zip archive without"):
+        check_archive(str(tmp_path / "half"))
+    with zipfile.ZipFile(good) as archive:
+        info = archive.getinfo("arrays/0.npy")
+    flipped = bytearray(data)
+    flipped[info.header_offset + 30 + len(info.filename) + len(info.extra) + 200_000] ^= 1
+    (tmp_path / "flipped").write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match=r"'.*flipped' is truncated or corrupted: Bad CRC-32 for file 'arrays/0"):
+        check_archive(str(tmp_path / "flipped"))
+    (tmp_path / "empty").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="not a checkpoint hvdagents wrote"):
+        check_archive(str(tmp_path / "empty"))
+
+
+def test_arrays_and_plain_values_round_trip_without_pickle_and_the_rest_is_refused_by_name(tmp_path):
+    import ml_dtypes
+
+    extra = {"epoch": 3, "loss": float("nan"), "pair": (1, "a"), "keys": {1: [None, True]},
+             "scalar": np.float32(0.5), "table": np.arange(6).reshape(2, 3),
+             "half": np.ones(3, dtype=ml_dtypes.bfloat16)}
+    path = tmp_path / "c"
+    write_atomic(path, lambda f: write_arrays(f, {}, {"extra": extra}))
+    with check_archive(str(path)) as archive:
+        back = read_arrays(str(path), archive)[1]["extra"]
+    assert back.keys() == extra.keys() and np.isnan(back["loss"])
+    assert back["pair"] == (1, "a") and back["keys"] == {1: [None, True]} and back["epoch"] == 3
+    assert type(back["scalar"]) is np.float32 and back["scalar"] == 0.5
+    assert np.array_equal(back["table"], extra["table"])
+    assert back["half"].dtype == extra["half"].dtype and np.array_equal(back["half"], extra["half"])
+    with pytest.raises(CheckpointError, match=r"extra\['when'\] is a datetime.date, which cannot be stored"):
+        import datetime
+
+        write_arrays(open(tmp_path / "d", "wb"), {}, {"extra": {"when": datetime.date.today()}})
+    with pytest.raises(CheckpointError, match=r"extra\['objs'\] is a NumPy array of dtype object"):
+        write_arrays(open(tmp_path / "e", "wb"), {}, {"extra": {"objs": np.array([None, 1], dtype=object)}})
+
+
+def test_headers_that_differ_are_refused_naming_the_difference():
+    model = [("fc.weight", (4, 8), "float32"), ("fc.bias", (4,), "float32")]
+    mine = checkpoint.header("torch", model, {"class": "SGD", "groups": [2]}, "Sync")
+    checkpoint.check_header("f", mine, mine)
+    cases = [
+        ({**mine, "framework": "keras"}, r"another framework: the file is Keras \(KerasAgent\), this agent is PyTorch"),
+        ({**mine, "version": 0}, "format version 0; this hvdagents reads version 1"),
+        ({**mine, "model": [["fc.weight", [5, 8], "float32"], mine["model"][1]]},
+         r"another model: parameter 'fc.weight' has shape \(5, 8\) float32 in the checkpoint but shape \(4, 8\)"),
+        ({**mine, "model": mine["model"][:1]}, "this model has parameter 'fc.bias' that the checkpoint lacks"),
+        ({**mine, "optimizer": {"class": "Adam", "groups": [2]}}, "class is 'Adam' in the checkpoint but 'SGD'"),
+        ({**mine, "strategy": "Downpour"}, "another strategy: Downpour in the checkpoint, Sync in this agent"),
+        ({"weights": []}, "is not an hvdagents checkpoint"),
+    ]
+    for saved, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.check_header("f", saved, mine)
+
+
+# -- the agents, in plain processes ----------------------------------------------------------------
+def _plain(args, timeout=180):
+    job = run_command([sys.executable, str(SCRIPT), *args], timeout=timeout).check()
+    return job.results()
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(framework, tmp_path):
+    results = {r["case"]: r for r in _plain(["unsafe", framework, str(tmp_path)])}
+    crafted = {"torch": ["bare pickle", "torch.save archive"], "keras": ["bare pickle", "array archive"]}[framework]
+    for case in crafted:
+        r = results[case]
+        assert r["proof"], f"{case}: the crafted file must run code when unpickled as before"
+        assert r["error"] and r["error"].startswith(f"{r['path']!r} is not a safe checkpoint"), r
+        assert "nothing in it ran" in r["error"]
+        assert not r["ran"] and r["unchanged"], r
+    refused = results["extra at save"]
+    assert "extra value 'hook'" in refused["error"] and "Nothing was written" in refused["error"]
+    assert refused["kept"] and refused["leftovers"] == []
+    assert results["extra round trip"]["extra"] == (
+        "[('epoch', 7), ('nested', {'a': [1, None, True]}), ('note', 'ok'), ('pair', (1, 2.5))]")
+
+
+def _start_writer(framework, directory, saves):
+    return subprocess.Popen([sys.executable, str(SCRIPT), "writer", framework, str(directory), str(saves)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=job_env(),
+                            start_new_session=True)
+
+
+def _lines_until(proc, prefix, deadline):
+    """stdout lines up to and including the first starting with ``prefix``."""
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.strip())
+        if line.startswith(prefix):
+            return lines
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"the writer did not print {prefix!r} in time; it printed: {lines}")
+
+
+def _loaded(lines):
+    import json
+
+    (r,) = [json.loads(line[7:]) for line in lines if line.startswith("RESULT ") and "loaded" in line]
+    return r
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_sigkill_at_any_point_of_save_leaves_the_previous_checkpoint_whole(framework, tmp_path):
+    deadline = time.monotonic() + 600
+    first = _start_writer(framework, tmp_path, 1)
+    lines = _lines_until(first, "SAVED", deadline)
+    first.wait(60)
+    seconds = float(lines[-1].split()[2])
+    size = (tmp_path / "ckpt").stat().st_size
+    assert size > 200e6
+    rng = random.Random(23)
+    delays = [seconds * (i + rng.random()) / KILLS for i in range(KILLS)]  # spread over the write
+    saved, landed_mid_write = 0, 0
+    for delay in delays:
+        proc = _start_writer(framework, tmp_path, 1000)
+        lines = _lines_until(proc, "SAVING", deadline)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        rest = proc.stdout.read()
+        proc.wait(30)
+        r = _loaded(lines)
+        assert r["loaded"] == saved and r["intact"], (delay, r)
+        assert len(r["leftovers"]) <= 1 and all(checkpoint._temporary_names(tmp_path / "ckpt").fullmatch(n)
+                                                for n in r["leftovers"]), r
+        progress = [line for line in [lines[-1], *rest.splitlines()] if line.startswith("SAV")]
+        finished = [int(line.split()[1]) for line in progress if line.startswith("SAVED")]
+        saved = max(finished, default=saved)  # a kill after a whole save: that one stands
+        landed_mid_write += progress[-1].startswith("SAVING")
+    last = _start_writer(framework, tmp_path, 1)
+    lines = _lines_until(last, "RESULT {\"done\"", deadline)
+    last.wait(60)
+    r = _loaded(lines)
+    assert r["loaded"] == saved and r["intact"], r
+    assert '"leftovers": []' in lines[-1]  # the next save removed the killed writer's file
+    assert landed_mid_write >= KILLS // 2, f"only {landed_mid_write} of {KILLS} kills landed inside a save"
