@@ -12,70 +12,68 @@ element read from peer p must be ``p * BIG + v`` with v never going back, and af
 every rank reads every peer's last version exactly.
 """
 
-import sys
-
 import numpy as np
 from _report import emit
 
-import hvdagents as hva
 from hvdagents.strategies.window import ParameterWindow, PeerWindow
 
-n, pushes = int(sys.argv[1]), int(sys.argv[2])
-ctx = hva.init()
-comm, rank, size = ctx.comm, ctx.rank, ctx.size
-base = pushes + 1
-assert base ** size < 2 ** 53, "digits must stay exact in float64"
-
-
-def digits(values):
-    """Base-(P+1) digits of integer-valued float64 elements, one row per rank; None if not whole."""
-    if not np.array_equal(values, np.floor(values)) or values.min() < 0 or values.max() >= base ** size:
-        return None
-    rest = values.astype(np.int64)
-    out = np.empty((size, values.size), np.int64)
-    for r in range(size):
-        rest, out[r] = np.divmod(rest, base)
-    return out
-
-
-bad_pull = own_wrong = went_back = 0
-store = ParameterWindow(n, np.float64)
-mine = np.full(n, float(base ** rank))
-previous = np.zeros((size, n), np.int64)
-comm.Barrier()
-for done in range(1, pushes + 1):
-    store.push(mine)
-    d = digits(store.pull())
-    if d is None:
-        bad_pull += 1
-        continue
-    own_wrong += int(np.any(d[rank] != done))
-    went_back += int(np.any(d < previous))
-    previous = d
-comm.Barrier()
-final = digits(store.pull())
-final_exact = final is not None and bool(np.all(final == pushes))
-store.close()
-
 BIG = 1 << 20
-versions = max(pushes, 10)
-peers = PeerWindow(n, np.float64)
-rng = np.random.default_rng(rank)
-seen = np.zeros((size, n))  # last value read of every peer's every element
-peer_bad = peer_back = 0
-peers.publish(np.full(n, float(rank * BIG)))  # version 0, before anyone reads
-comm.Barrier()
-for v in range(1, versions + 1):
-    peers.publish(np.full(n, float(rank * BIG + v)))
-    p = int(rng.integers(size))
-    got = peers.read(p) - p * BIG
-    if not (np.array_equal(got, np.floor(got)) and got.min() >= 0 and got.max() <= versions):
-        peer_bad += 1
-        continue
-    peer_back += int(np.any(got < seen[p]))
-    seen[p] = got
-comm.Barrier()
-peer_final = all(np.array_equal(peers.read(p), np.full(n, float(p * BIG + versions))) for p in range(size))
-peers.close()
-emit({"rank": rank, "bad_pull": bad_pull, "own_wrong": own_wrong, "went_back": went_back,
-      "final_exact": final_exact, "peer_bad": peer_bad, "peer_back": peer_back, "peer_final": peer_final})
+
+
+def run(ctx, n, pushes):
+    """Every rank emits its RESULT line (case ``consistency``)."""
+    comm, rank, size = ctx.comm, ctx.rank, ctx.size
+    base = pushes + 1
+    assert base ** size < 2 ** 53, "digits must stay exact in float64"
+
+    def digits(values):
+        """Base-(P+1) digits of integer-valued float64 elements, one row per rank; None if not whole."""
+        if not np.array_equal(values, np.floor(values)) or values.min() < 0 or values.max() >= base ** size:
+            return None
+        rest = values.astype(np.int64)
+        out = np.empty((size, values.size), np.int64)
+        for r in range(size):
+            rest, out[r] = np.divmod(rest, base)
+        return out
+
+    bad_pull = own_wrong = went_back = 0
+    store = ParameterWindow(n, np.float64)
+    mine = np.full(n, float(base ** rank))
+    previous = np.zeros((size, n), np.int64)
+    comm.Barrier()
+    for done in range(1, pushes + 1):
+        store.push(mine)
+        d = digits(store.pull())
+        if d is None:
+            bad_pull += 1
+            continue
+        own_wrong += int(np.any(d[rank] != done))
+        went_back += int(np.any(d < previous))
+        previous = d
+    comm.Barrier()
+    final = digits(store.pull())
+    final_exact = final is not None and bool(np.all(final == pushes))
+    store.close()
+
+    versions = max(pushes, 10)
+    peers = PeerWindow(n, np.float64)
+    rng = np.random.default_rng(rank)
+    seen = np.zeros((size, n))  # last value read of every peer's every element
+    peer_bad = peer_back = 0
+    peers.publish(np.full(n, float(rank * BIG)))  # version 0, before anyone reads
+    comm.Barrier()
+    for v in range(1, versions + 1):
+        peers.publish(np.full(n, float(rank * BIG + v)))
+        p = int(rng.integers(size))
+        got = peers.read(p) - p * BIG
+        if not (np.array_equal(got, np.floor(got)) and got.min() >= 0 and got.max() <= versions):
+            peer_bad += 1
+            continue
+        peer_back += int(np.any(got < seen[p]))
+        seen[p] = got
+    comm.Barrier()
+    peer_final = all(np.array_equal(peers.read(p), np.full(n, float(p * BIG + versions))) for p in range(size))
+    peers.close()
+    emit({"case": "consistency", "rank": rank, "bad_pull": bad_pull, "own_wrong": own_wrong,
+          "went_back": went_back, "final_exact": final_exact, "peer_bad": peer_bad,
+          "peer_back": peer_back, "peer_final": peer_final})
