@@ -2,16 +2,19 @@
 
 ``init()`` initialises MPI through mpi4py (which asks for ``MPI_THREAD_MULTIPLE``, as
 Horovod needs), works out who we are and how we were launched, and installs the
-abort-on-error hook. Horovod bindings are initialised lazily, per framework, by
+abort-on-error hook; a rank that exits with an open agent while the others go on ends the
+job too (:func:`agent_opened`). Horovod bindings are initialised lazily, per framework, by
 :func:`horovod_binding` when the first agent of that framework is made: ``horovod.torch``
 and ``horovod.tensorflow`` keep separate state and each needs its own ``init``.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from types import ModuleType
@@ -30,7 +33,19 @@ __all__ = [
     "horovod_binding",
     "pin_gpu",
     "abort",
+    "agent_opened",
+    "agent_closed",
+    "EXIT_AGREEMENT_S",
 ]
+
+#: How long a rank that exits with an open agent waits for every other rank to exit too
+#: before it ends the job: ranks that leave together (``PreemptionFlag.exit_for_requeue``, a
+#: script that ends on every rank without ``close()``) exit as they meant to; a rank that
+#: leaves alone would leave the others waiting for it forever.
+EXIT_AGREEMENT_S = 10.0
+
+#: Polling interval of that wait.
+_EXIT_POLL_S = 0.01
 
 #: Horovod framework bindings by the name agents use.
 _BINDINGS = {"torch": "horovod.torch", "tensorflow": "horovod.tensorflow"}
@@ -72,6 +87,8 @@ class Context:
 _lock = threading.Lock()
 _context: Context | None = None
 _bindings: dict[str, ModuleType] = {}
+_exit_comm: Any = None  # a duplicate of COMM_WORLD for the exit agreement only
+_open_agents: dict[int, str] = {}  # id(agent) -> what it is, while it is open
 
 
 def _int(env: Mapping[str, str], *names: str) -> int | None:
@@ -175,7 +192,8 @@ def init(*, timeline: str | os.PathLike | None = None, autotune: bool | None = N
     Raises :class:`ThreadLevelError` when MPI grants less than ``MPI_THREAD_MULTIPLE``, and
     :class:`LauncherError` for launches that cannot work (see :func:`check_launch`).
     A rank that dies of an uncaught exception afterwards prints its traceback prefixed with
-    its rank and aborts the whole job (``MPI_Abort``). Ranks other than 0 import TensorFlow
+    its rank and aborts the whole job (``MPI_Abort``); so does a rank that exits with an open
+    agent while the other ranks do not exit (:func:`agent_opened`). Ranks other than 0 import TensorFlow
     without its start-up notices (:mod:`hvdagents.quiet`); everything else they print is kept.
     """
     global _context
@@ -229,6 +247,9 @@ def init(*, timeline: str | os.PathLike | None = None, autotune: bool | None = N
         )
         if size > 1:
             _install_abort_hook(_context)
+            if mpi_world:
+                global _exit_comm
+                _exit_comm = world.Dup()  # collective, as init is; used at exit only
         if rank != 0:  # only rank 0 speaks: TensorFlow's start-up notices once, not per rank
             from .quiet import quiet_tensorflow_import
 
@@ -331,3 +352,46 @@ def _install_abort_hook(ctx: Context) -> None:
 
     sys.excepthook = report_and_abort
     threading.excepthook = thread_report_and_abort
+
+
+def agent_opened(agent: Any, description: str) -> None:
+    """Local: ``agent`` is open from now on (until :func:`agent_closed`).
+
+    A rank that exits while one of its agents is open (``sys.exit()``, an exception the
+    user's code caught, the end of the script without ``close()``) waits up to
+    :data:`EXIT_AGREEMENT_S` for every other rank to exit too, then ends the whole job with
+    ``MPI_Abort`` and a message naming the rank and the agent: the other ranks would wait
+    for it forever in a collective, in ``close()``, or in ``MPI_Finalize``. The check is
+    registered again here so that it runs before the ``atexit`` handlers registered earlier
+    (Horovod's shutdown, registered when the agent started Horovod, runs after it)."""
+    _open_agents[id(agent)] = description
+    atexit.unregister(_exit_with_open_agents)
+    atexit.register(_exit_with_open_agents)
+
+
+def agent_closed(agent: Any) -> None:
+    """Local: ``agent`` was closed; this rank may exit without ending the job."""
+    _open_agents.pop(id(agent), None)
+
+
+def _exit_with_open_agents() -> None:
+    """At exit: nothing without an open agent; with one, a non-blocking barrier on every
+    rank that leaves, and ``MPI_Abort`` when it does not complete in :data:`EXIT_AGREEMENT_S`."""
+    ctx = _context
+    if not _open_agents or ctx is None or _exit_comm is None:
+        return
+    request = _exit_comm.Ibarrier()
+    deadline = time.monotonic() + EXIT_AGREEMENT_S
+    while not request.Test():
+        if time.monotonic() >= deadline:
+            agents = ", ".join(sorted(set(_open_agents.values())))
+            sys.stderr.write(
+                f"[rank {ctx.rank}] hvdagents: rank {ctx.rank} exited with an open {agents} "
+                "(sys.exit(), an exception caught by the script, or the end of the script "
+                f"without agent.close()) while other ranks did not exit within "
+                f"{EXIT_AGREEMENT_S:g} s: they would wait for it forever. Ending the job "
+                "(MPI_Abort). Call agent.close() on every rank before leaving, or use "
+                "'with agent:'.\n"
+            )
+            abort(1)
+        time.sleep(_EXIT_POLL_S)
