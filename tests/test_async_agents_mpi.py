@@ -8,7 +8,11 @@ import pytest
 
 from mpirun import REPO, run_job
 
-BUDGET_S, DELAY_S = "3", "0.05"
+# The last rank sleeps 0.2 s a step: at most 15 steps in 3 s. Held back (Sync), the others make
+# as many; not held back (Downpour) they make at least twice as many even on a loaded machine
+# (with 0.05 s and a 4x bar, 4 ranks beside other MPI jobs made [63, 63, 63, 58]: the machine's
+# pace, not the library's).
+BUDGET_S, DELAY_S = "3", "0.2"
 
 
 @pytest.fixture(scope="module", params=["sync", "downpour"])
@@ -27,7 +31,7 @@ def test_a_straggler_holds_sync_back_but_not_downpour(straggler):
         # (the script has no collective of its own), up to the last step or two as they stop
         assert max(steps) - min(steps) <= max(3, 0.1 * min(steps)), steps
     else:
-        assert fast >= 4 * slow, steps  # the others ran on
+        assert fast >= 2 * slow, steps  # the others ran on
     assert straggler["identical"] and straggler["finite"]  # one consensus model after close()
     # async agents talk MPI only: Horovod's polling thread would slow their one-sided calls
     assert straggler["horovod_started"] == (straggler["strategy"] == "sync")
