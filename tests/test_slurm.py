@@ -192,7 +192,7 @@ def test_requeue_checkpoints_on_usr1_and_resumes(slurm):
         raise
     state = slurm.wait_done(job, JOB_TIMEOUT)
     text = output()
-    assert state == "COMPLETED", f"job {job} ended {state}:\n{text}"
+    assert state == "COMPLETED", f"job {job} ended {state}:\n{text}\n{slurm.job(job)}\n{slurm.diagnostics()}"
     assert "got USR1" in text and "requeueing" in text, text
 
     events = _results(text)
