@@ -1,5 +1,6 @@
-"""The models users really train, KerasAgent under mpirun -np 2: BatchNorm statistics in the
-consensus for every strategy, mixed precision, uneven shards. RESULT lines on rank 0."""
+"""The models users really train, KerasAgent under mpirun -np 2: the model after close() for
+every strategy, mixed precision (one rank overflowing), uneven shards.
+RESULT lines on rank 0."""
 
 import numpy as np
 
@@ -8,6 +9,7 @@ import hvdagents as hva
 ctx = hva.init()
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _consensus import expected_parameters, max_abs, ulps  # noqa: E402
 from _report import emit  # noqa: E402
 
 rng = np.random.default_rng(0)
@@ -41,20 +43,59 @@ def regression_model(seed, optimizer=None, bn=False):
     return model
 
 
-# 1. BatchNorm moving statistics end identical on every rank, for every strategy.
+# 1. After close(): the model the README promises, for every strategy: trainable weights from
+#    the strategy, BatchNorm's moving statistics (non-trainable) the float64 mean over the
+#    ranks; both against references computed here (_consensus.py). float32 only: Horovod's
+#    TensorFlow ops refuse bfloat16, so a bfloat16 KerasAgent cannot even start under Sync.
 STRATEGIES = {
-    "sync": hva.Sync(), "localsgd": hva.LocalSGD(period=3), "downpour": hva.Downpour(period=2),
-    "easgd": hva.EASGD(alpha=0.3, period=2), "gossip": hva.Gossip(period=2),
+    "sync": (hva.Sync, {}, 1), "localsgd": (hva.LocalSGD, {"period": 3}, 3),
+    "downpour": (hva.Downpour, {"period": 2}, 2), "easgd": (hva.EASGD, {"alpha": 0.3, "period": 2}, 2),
+    "gossip": (hva.Gossip, {"period": 2}, 2),
 }
-for name, strategy in STRATEGIES.items():
+EPS = float(np.finfo(np.float32).eps)
+
+
+def flat(variables):
+    return np.concatenate([np.ravel(np.asarray(v.numpy(), dtype=np.float64)) for v in variables])
+
+
+class LocalProgress(keras.callbacks.Callback):
+    """The sum of what this rank's optimizer steps changed (given before the agent's
+    callbacks, so it sees each step before the strategy's exchange)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.before = flat(self.model.trainable_variables)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.total = self.total + flat(self.model.trainable_variables) - self.before
+
+
+for name, (make, settings, period) in STRATEGIES.items():
     model = regression_model(1, bn=True)
-    agent = hva.KerasAgent(model, strategy=strategy)
-    x = X[:64] + ctx.rank  # each rank sees other data: its moving statistics differ
-    agent.fit(x, x @ W.astype("float32"), batch_size=16, epochs=1, verbose=0, shuffle=False)
-    moving = [v for v in model.non_trainable_weights if "moving_mean" in v.path][0]
-    differed = len(set(ctx.comm.allgather(moving.numpy().tobytes()))) > 1
+    agent = hva.KerasAgent(model, strategy=make(**settings))
+    x0 = flat(model.trainable_variables)
+    x = X[:80] + ctx.rank  # each rank sees other data: its moving statistics differ
+    progress = LocalProgress()  # 5 steps: not a multiple of any period
+    model.fit(x, x @ W.astype("float32"), batch_size=16, epochs=1, verbose=0, shuffle=False,
+              callbacks=[progress, *agent.callbacks()])
+    pre = ctx.comm.gather((flat(model.trainable_variables), flat(model.non_trainable_weights),
+                           progress.total), root=0)
     agent.close()
-    report("keras_consensus", strategy=name, differed_before=differed, identical=identical(model))
+    after, stats = flat(model.trainable_variables), flat(model.non_trainable_weights)
+    same = identical(model)
+    if ctx.is_root:
+        models, moving, sums = zip(*pre)
+        want = expected_parameters(name, x0, models, sums, period)
+        mean = np.mean(moving, axis=0)
+        report("keras_consensus", strategy=name, identical=same,
+               models_identical_before=all(np.array_equal(m, models[0]) for m in models),
+               params_spread=max(max_abs(m, want) for m in models), params_error=max_abs(after, want),
+               moving_spread_ulps=max(ulps(m, mean, EPS) for m in moving),
+               moving_error_ulps=ulps(stats, mean, EPS))
 
 
 # 2. Mixed precision trains like float32 (KerasAgent puts the all-reduce outside loss scaling).
@@ -76,6 +117,45 @@ user_order, inner_user, same_user = train_loss(
     "mixed_float16", lambda: hva.keras.DistributedOptimizer(keras.optimizers.SGD(0.01)))
 report("mixed_precision", float32=f32, mixed=mixed, inner=inner, identical=same,
        user_order=user_order, inner_user=inner_user, identical_user=same_user)
+
+# 2b. Mixed precision, only rank 1 overflows at one step: the loss-scale optimizer decides on
+#     the averaged (infinite) gradients, so every rank skips that step and halves its scale.
+OVERFLOW_BATCH = 3
+
+
+class StepRecord(keras.callbacks.Callback):
+    """After every batch: this rank's weights (bytes) and loss scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.scales = [], []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.weights.append(all_weights(self.model))
+        self.scales.append(float(self.model.optimizer.inner_optimizer.dynamic_scale.numpy()))
+
+
+keras.mixed_precision.set_global_policy("mixed_float16")
+model = regression_model(6, optimizer=keras.optimizers.SGD(0.01))
+keras.mixed_precision.set_global_policy("float32")
+agent = hva.KerasAgent(model, strategy=hva.Sync())
+x, y = hva.shard(X[:128]), hva.shard(Y[:128])
+if ctx.rank == 1:  # beyond float16 (65504): this rank's activations and gradients are infinite
+    x = x.copy()
+    x[OVERFLOW_BATCH * 8:(OVERFLOW_BATCH + 1) * 8] = 1e6
+record = StepRecord()
+start_weights = all_weights(model)
+agent.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[record])
+agent.close()
+steps = ctx.comm.gather((record.weights, record.scales), root=0)
+if ctx.is_root:
+    weights = [[start_weights, *w] for w, _ in steps]  # weights[rank][k]: before batch k
+    report("one_rank_overflows", batches=len(record.scales),
+           identical_every_step=all(w == weights[0] for w in weights),
+           skipped=[w[OVERFLOW_BATCH + 1] == w[OVERFLOW_BATCH] for w in weights],
+           stepped_before=[w[OVERFLOW_BATCH] != w[OVERFLOW_BATCH - 1] for w in weights],
+           stepped_after=[w[OVERFLOW_BATCH + 2] != w[OVERFLOW_BATCH + 1] for w in weights],
+           scales=[sc for _, sc in steps], overflow_batch=OVERFLOW_BATCH)
 
 # 3. The wrong order under plain model.fit is refused with the fix.
 keras.mixed_precision.set_global_policy("mixed_float16")
