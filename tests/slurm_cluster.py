@@ -329,6 +329,13 @@ class SlurmCluster:
                 self.run(["scontrol", "update", f"nodename={name}", "state=resume"], check=False)
         return len(states) == len(self.nodes) and all(states.get(n, "").startswith(up) for n, _ in self.nodes)
 
+    def nodes_idle(self) -> bool:
+        """Every node idle: no job on it and none still completing (a requeued job started on a
+        node that still cleans up its previous run is refused: "Job credential revoked")."""
+        lines = self.run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False).stdout.split("\n")
+        states = dict(line.split()[:2] for line in lines if len(line.split()) >= 2)
+        return all(states.get(name) == "idle" for name, _ in self.nodes)
+
     def _wait(self, ready, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

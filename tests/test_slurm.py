@@ -186,6 +186,9 @@ def test_requeue_checkpoints_on_usr1_and_resumes(slurm):
         slurm.run(["scancel", "--batch", "--signal=USR1", str(job)])
         _wait_for(lambda: slurm.job(job).get("Restarts") == "1" and slurm.state(job) == "PENDING",
                   60, "the job to be requeued", lambda: f"{slurm.job(job)}\n{output()}")
+        # start the rerun now, once the node has finished cleaning up the first run (earlier, 1
+        # run in 8 on a loaded machine was refused: "Job credential revoked")
+        _wait_for(slurm.nodes_idle, 60, "the node to finish the first run", lambda: slurm.diagnostics())
         slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
     except BaseException:
         slurm.run(["scancel", "--full", str(job)], check=False)
