@@ -1,7 +1,8 @@
 """Peak host memory of one rank under one strategy: a flat PyTorch model of ``n`` float32
 parameters with SGD + momentum, first trained without an agent (the baseline, measured in the
 same process), then through an agent: construct, a few steps with exchanges, a checkpoint
-written and loaded, close. Peak resident memory (``ru_maxrss``) after each phase."""
+written and loaded, close. Peak resident memory (``ru_maxrss``) at the start (the interpreter,
+PyTorch and MPI, before the model exists) and after each phase."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     args = p.parse_args()
     ctx = hva.init()
+    start = peak_mib()  # before the model: what the baseline's training adds is measured
     weight = torch.nn.Parameter(torch.zeros(args.n))
     model = torch.nn.ParameterList([weight])
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -45,7 +47,7 @@ def main() -> None:
     for _ in range(args.steps):  # the baseline: the same training without an agent
         step()
         optimizer.step()
-    phases = {"baseline": peak_mib()}
+    phases = {"start": start, "baseline": peak_mib()}
     agent = hva.TorchAgent(model, optimizer, strategy=STRATEGIES[args.strategy]())
     phases["construct"] = peak_mib()
     for _ in range(args.steps):
