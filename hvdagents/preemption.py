@@ -101,9 +101,12 @@ class PreemptionFlag:
         import numpy as np
         from mpi4py import MPI
 
+        from .strategies.staleness import in_collective
+
         mine = np.array([1 if self._requested else 0], dtype=np.int32)
         anyone = np.zeros(1, dtype=np.int32)
-        comm.Allreduce(mine, anyone, op=MPI.MAX)
+        with in_collective():  # ranks with fewer steps must not hold a max_staleness bound
+            comm.Allreduce(mine, anyone, op=MPI.MAX)
         self._agreed = bool(anyone[0])
         return self._agreed
 

@@ -4,11 +4,20 @@ With ``max_staleness=s`` every step ticks this agent's clock in a
 :class:`~.windows.ClockWindow`, and no agent starts a step while it is more than ``s`` steps
 ahead of the slowest active agent. An agent that finishes retires its clock first, so a
 finished agent never holds the others back.
+
+A rank waiting in a collective cannot tick, and a rank ahead of it could wait for it forever:
+with uneven shards the rank with fewer batches reaches an end-of-epoch collective while the
+others, still inside their epoch, are more than ``max_staleness`` ahead. Inside
+:func:`in_collective` a rank's clocks are parked, so nobody waits for them; hvdagents' own
+collectives between steps (``PreemptionFlag.should_stop``) use it, and so should a
+collective of your own in the training loop (an all-reduce of the epoch's loss).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -16,7 +25,28 @@ from .base import ParameterAccess, Runner, RunnerState
 from .weak import mpi_world_comm
 from .windows import ClockWindow
 
-__all__ = ["StalenessBound"]
+__all__ = ["StalenessBound", "in_collective"]
+
+#: Bounds started and not yet finished in this process.
+_RUNNING: weakref.WeakSet[StalenessBound] = weakref.WeakSet()
+
+
+@contextmanager
+def in_collective() -> Iterator[None]:
+    """Local: park this rank's staleness clocks while the block runs (a collective every
+    rank reaches, at different step counts), so no rank waits for this one meanwhile; the
+    bound holds again after the block. One-sided clock writes at entry and exit; nothing
+    without a ``max_staleness`` agent. The bound may be exceeded inside the block by as many
+    steps as the ranks' step counts differ there."""
+    clocks = [bound.clock for bound in list(_RUNNING) if bound.clock is not None]
+    for clock in clocks:
+        clock.park()
+    try:
+        yield
+    finally:
+        for clock in clocks:
+            if not clock.closed:
+                clock.unpark()
 
 
 class StalenessBound(Runner):
@@ -47,6 +77,7 @@ class StalenessBound(Runner):
         """Collective: start ``inner``, then the clocks (so a refused start leaves no window)."""
         self.inner.start(params)
         self.clock = ClockWindow(comm=mpi_world_comm())
+        _RUNNING.add(self)
 
     def after_step(self, params: ParameterAccess) -> None:
         """Tick, wait while more than ``max_staleness`` ahead of the slowest, then ``inner``."""
@@ -67,6 +98,7 @@ class StalenessBound(Runner):
     def finish(self, params: ParameterAccess) -> None:
         """Retire this agent's clock (agents still training are not held back), then
         ``inner``'s collective finish, then free the clocks."""
+        _RUNNING.discard(self)
         if self.clock is not None:
             self.clock.retire()
         self.inner.finish(params)

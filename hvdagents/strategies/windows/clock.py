@@ -11,10 +11,18 @@ from ...errors import UsageError
 from ._base import Window, resolve_comm
 from .relay import REPLACE
 
-__all__ = ["ClockWindow", "RETIRED", "CLOCK_HOME"]
+__all__ = ["ClockWindow", "RETIRED", "CLOCK_HOME", "parked_value"]
 
 #: Clock value of a retired agent: larger than any step count, ignored by waits.
 RETIRED = int(np.iinfo(np.int64).max)
+
+
+
+def parked_value(clock: int) -> int:
+    """What a rank parked at ``clock`` (:meth:`ClockWindow.park`) shows: ``-(clock + 1)``,
+    negative, so no step count is mistaken for it."""
+    return -(clock + 1)
+
 
 #: The rank whose window memory holds every agent's clock.
 CLOCK_HOME = 0
@@ -39,6 +47,7 @@ class ClockWindow(Window):
         comm = resolve_comm(comm)
         self._clock = 0
         self._retired = False
+        self._parked = False
         self._min_seen = 0  # lower bound of the slowest active clock (clocks only grow)
         count = comm.Get_size() if comm.Get_rank() == CLOCK_HOME else 0
         super().__init__(comm, count, np.dtype(np.int64))
@@ -65,6 +74,8 @@ class ClockWindow(Window):
                 raise UsageError(
                     "ClockWindow.tick() was called after retire(): a retired clock no longer counts"
                 )
+            if self._parked:
+                raise UsageError("ClockWindow.tick() was called between park() and unpark()")
             one = np.ones(1, np.int64)
             before = np.zeros(1, np.int64)
             self._fetch_add(CLOCK_HOME, self._rank, one, before)
@@ -73,7 +84,8 @@ class ClockWindow(Window):
             return self._clock
 
     def clocks(self) -> np.ndarray:
-        """Every rank's clock, indexed by rank (:data:`RETIRED` for retired ones).
+        """Every rank's clock, indexed by rank (:data:`RETIRED` for retired ones,
+        :func:`parked_value` for parked ones).
 
         One-sided ``MPI_Get_accumulate(NO_OP)`` from rank 0, then ``Flush`` (which also drives
         passive-target progress); blocking. Each clock is a whole value, at least as recent
@@ -102,13 +114,37 @@ class ClockWindow(Window):
             self._complete(CLOCK_HOME)
             self._retired = True
 
+    def park(self) -> None:
+        """Mark this rank as waiting in a collective (until :meth:`unpark`): it cannot tick
+        before every rank reaches that collective, so waits on other ranks do not wait for it
+        (they could never end). Its clock is not lost: :meth:`unpark` puts it back.
+
+        One-sided (``Accumulate(REPLACE)`` on rank 0's memory, then ``Flush``); blocking.
+        Does nothing on a retired clock."""
+        self._set_parked(True)
+
+    def unpark(self) -> None:
+        """End :meth:`park`: this rank's clock counts again. One-sided, blocking."""
+        self._set_parked(False)
+
+    def _set_parked(self, parked: bool) -> None:
+        with self._lock:
+            self._win()
+            if self._retired or self._parked == parked:
+                return
+            value = np.full(1, parked_value(self._clock) if parked else self._clock, np.int64)
+            self._accumulate(CLOCK_HOME, self._rank, value, REPLACE)
+            self._complete(CLOCK_HOME)
+            self._parked = parked
+
     def wait_until_within(self, staleness: int, *, timeout: Optional[float] = None) -> None:
         """Block while this rank's clock is more than ``staleness`` ahead of the slowest active one.
 
         One-sided and local to the caller: polls :meth:`clocks` (each poll flushes, which
         drives passive-target progress), sleeping between polls from ``BACKOFF_FIRST_S``
         growing to ``BACKOFF_MAX_S``. Returns at once when a retired rank calls it, or when
-        every other rank has retired. ``timeout`` (seconds): raise ``TimeoutError`` instead
+        every other rank has retired; parked ranks (:meth:`park`) are not waited for.
+        ``timeout`` (seconds): raise ``TimeoutError`` instead
         of waiting longer.
         """
         if isinstance(staleness, bool) or not isinstance(staleness, (int, np.integer)):
@@ -123,17 +159,20 @@ class ClockWindow(Window):
         while True:
             values = self.clocks()
             active = values[values != RETIRED]
-            self._min_seen = int(active.min()) if active.size else RETIRED
-            if self._clock - self._min_seen <= staleness:
+            running = active[active >= 0]  # the others are parked: waiting in a collective
+            slowest = int(running.min()) if running.size else RETIRED
+            if running.size == active.size:  # a parked clock comes back: not a lower bound
+                self._min_seen = slowest
+            if self._clock - slowest <= staleness:
                 return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"rank {self._rank} at clock {self._clock} waited {timeout} s for the slowest "
-                    f"rank (clock {self._min_seen}) to come within {staleness} steps"
+                    f"rank (clock {slowest}) to come within {staleness} steps"
                 )
             time.sleep(delay)
             delay = min(delay * BACKOFF_FACTOR, BACKOFF_MAX_S)
 
     def __repr__(self) -> str:
-        flags = ", retired" * self._retired + ", closed" * self.closed
+        flags = ", retired" * self._retired + ", parked" * self._parked + ", closed" * self.closed
         return f"ClockWindow(clock={self._clock}{flags})"
