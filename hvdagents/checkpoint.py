@@ -208,7 +208,7 @@ def _first_difference(saved: list[list[Any]], current: list[list[Any]], what: st
 def check_header(path: str, saved: Any, expected: dict) -> None:
     """Raise :class:`CheckpointError` unless the checkpoint's header ``saved`` (as read) fits
     ``expected`` (this agent's :func:`header`): same format version, framework, parameters
-    (names, shapes, dtypes, in order), optimizer and strategy. The message names the first
+    (names, shapes, dtypes, in order), strategy and optimizer. The message names the first
     thing that differs."""
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise CheckpointError(f"{path!r} is not an hvdagents checkpoint (no '{FORMAT}' header: another program's "
@@ -221,14 +221,14 @@ def check_header(path: str, saved: Any, expected: dict) -> None:
     problem = _first_difference(_signature_list(saved.get("model", [])), expected["model"], "parameter")
     if problem:
         raise CheckpointError(f"checkpoint {path!r} is for another model: {problem}; it was not loaded")
-    if saved.get("optimizer") != expected["optimizer"]:
-        problem = _optimizer_difference(saved.get("optimizer") or {}, expected["optimizer"])
-        raise CheckpointError(f"checkpoint {path!r} is for another optimizer: {problem}; it was not loaded")
     if saved.get("strategy") != expected["strategy"]:
         raise CheckpointError(
             f"checkpoint {path!r} holds the state of another strategy: {saved.get('strategy')} in the checkpoint, "
             f"{expected['strategy']} in this agent; it was not loaded"
         )
+    if saved.get("optimizer") != expected["optimizer"]:
+        problem = _optimizer_difference(saved.get("optimizer") or {}, expected["optimizer"])
+        raise CheckpointError(f"checkpoint {path!r} is for another optimizer: {problem}; it was not loaded")
 
 
 def _optimizer_difference(saved: dict, current: dict) -> str:

@@ -245,8 +245,11 @@ class KerasAgent(Agent):
                 for v in self.model.optimizer.variables]
 
     def _checkpoint_header(self) -> dict:
+        user = self.model.optimizer  # the user's optimizer, inside DistributedOptimizer / LossScaleOptimizer
+        while getattr(user, "inner_optimizer", None) is not None:
+            user = user.inner_optimizer
         return header("keras", self._signature(),
-                      {"class": type(self.model.optimizer).__name__, "variables": self._optimizer_variables()},
+                      {"class": type(user).__name__, "variables": self._optimizer_variables()},
                       type(self.strategy).__name__)
 
     def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:

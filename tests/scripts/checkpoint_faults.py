@@ -276,11 +276,17 @@ def refuse() -> None:
             error, kind = None, None
         except (CheckpointError, FileNotFoundError) as err:
             error, kind = str(err), type(err).__name__
-        result(rank=ctx.rank, case=case, kind=kind, error=error, unchanged=state_digest(agent) == before,
-               ran=marker.exists())
+        report(comm, rank=ctx.rank, case=case, kind=kind, error=error,
+               unchanged=state_digest(agent) == before, ran=marker.exists())
     extra = agent.load_checkpoint(good)
-    result(rank=ctx.rank, case="good", extra=extra, restored=state_digest(agent) == comm.bcast(saved, root=0))
+    report(comm, rank=ctx.rank, case="good", extra=extra, restored=state_digest(agent) == comm.bcast(saved, root=0))
     agent.close()
+
+
+def report(comm, **fields) -> None:
+    """Every rank's ``fields``, printed by rank 0 (lines of two ranks would interleave)."""
+    for row in comm.gather(fields, root=0) or []:
+        result(**row)
 
 
 if __name__ == "__main__":
