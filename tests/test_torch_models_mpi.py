@@ -102,9 +102,21 @@ def test_a_gradient_on_one_rank_only_counts_as_zero_on_the_others(checks):
     assert uneven["side_max_rel"] < 1e-12
 
 
-def test_uneven_data_localsgd_ends_in_one_model(checks):
-    assert checks["uneven_localsgd"]["identical"]
-    assert checks["uneven_localsgd"]["moved"] > 1e-3
+@pytest.mark.parametrize("period", [2, 3])
+def test_uneven_data_localsgd_ends_in_one_model(checks, period):
+    """Rank r has 3 + r batches; every rank must end with the model and momentum of the
+    reference: averages over the ranks still training, then the longest rank's state."""
+    uneven = checks[f"uneven_localsgd_period{period}"]
+    assert uneven["differed_before_close"]  # rank 0 made a local step that rank 1 did not
+    assert uneven["identical"]
+    assert len(uneven["max_rel"]) == 2 and max(uneven["max_rel"]) < 1e-10  # on every rank
+    assert uneven["moved"] > 1e-3
+    sizes = uneven["optimizer_sizes"]
+    assert sizes[0] == sizes[1] == sizes[2] > 0
+    assert len(uneven["optimizer_max_rel"]) == 2 and max(uneven["optimizer_max_rel"]) < 1e-10
+    # the longest rank's counters (4 steps, not rank 0's 3), the last one an average
+    assert uneven["reference_runner_state"] == {"step": 4, "last_sync_step": 4}
+    assert uneven["runner_states"] == [uneven["reference_runner_state"]] * 2
 
 
 def test_the_users_optimizer_object_is_used_as_it_is(checks):

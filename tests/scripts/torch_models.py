@@ -263,15 +263,69 @@ report("uneven_sync", identical=identical(model),
                               for a, b in zip(side_grads, ref_side))),
        side_identical=len(set(ctx.comm.allgather(torch.cat(side_grads).numpy().tobytes()))) == 1)
 
-# 5. Uneven data under LocalSGD: every rank ends with the same model.
-model = make(seed=5)
-opt = torch.optim.SGD(model.parameters(), lr=LR)
-with hva.TorchAgent(model, opt, strategy=hva.LocalSGD(period=2)) as agent:
-    for xb, yb in uneven_batches(ctx.rank):
-        opt.zero_grad()
-        loss_of(model, xb, yb).backward()
-        agent.step()
-report("uneven_localsgd", identical=identical(model), moved=float(np.max(np.abs(flat(model) - flat(make(seed=5))))))
+# 5. Uneven data under LocalSGD: rank r has 3 + r batches, then closes. SGD with momentum
+#    (state: a buffer per parameter). Reference, every rank simulated here in float64: local
+#    steps on its own batches; after every `period`-th step the parameters of the ranks that
+#    made that step (the ranks still training, the one making its last step included) become
+#    their mean; at close every rank takes the model, optimizer and strategy state of the rank
+#    with the most steps (the lowest such), then a last average if that rank's last step was
+#    not an averaging one (of identical models: it changes nothing). Period 2: an average
+#    over both ranks, then one over rank 1 alone (rank 0 has closed). Period 3: an average
+#    over both at rank 0's last step, then rank 1's last step alone, then close.
+def localsgd_reference(period):
+    counts = [len(uneven_batches(r)) for r in range(ctx.size)]
+    models = [make(seed=5) for _ in range(ctx.size)]
+    opts = [sgd(m) for m in models]
+    for step in range(1, max(counts) + 1):
+        active = [r for r in range(ctx.size) if step <= counts[r]]
+        for r in active:
+            opts[r].zero_grad()
+            loss_of(models[r], *uneven_batches(r)[step - 1]).backward()
+            opts[r].step()
+        if step % period == 0:
+            mean_of(models, active)
+    longest = counts.index(max(counts))
+    for r in range(ctx.size):
+        models[r].load_state_dict(models[longest].state_dict())
+        opts[r].load_state_dict(opts[longest].state_dict())
+    if max(counts) % period:
+        mean_of(models, range(ctx.size))
+    return models[longest], opts[longest], {"step": max(counts), "last_sync_step": max(counts)}
+
+
+def mean_of(models, ranks):
+    """Every parameter of the models of ``ranks`` becomes their mean (float64, rank order)."""
+    ranks = list(ranks)
+    with torch.no_grad():
+        for params in zip(*(models[r].parameters() for r in ranks)):
+            mean = sum(p.clone() for p in params) / len(ranks)
+            for p in params:
+                p.copy_(mean)
+
+
+def relative(ours, theirs):
+    return float(np.max(np.abs(ours - theirs)) / np.max(np.abs(theirs)))
+
+
+for period in (2, 3):
+    model = make(seed=5)
+    opt = sgd(model)
+    with hva.TorchAgent(model, opt, strategy=hva.LocalSGD(period=period)) as agent:
+        for xb, yb in uneven_batches(ctx.rank):
+            opt.zero_grad()
+            loss_of(model, xb, yb).backward()
+            opt.step()
+        before_close = flat(model)
+    reference, ref_opt, ref_runner = localsgd_reference(period)
+    ours_state, ref_state = optimizer_state(opt), optimizer_state(ref_opt)
+    report(f"uneven_localsgd_period{period}",
+           identical=identical(model),
+           max_rel=ctx.comm.allgather(relative(flat(model), flat(reference))),
+           optimizer_max_rel=ctx.comm.allgather(relative(ours_state, ref_state)),
+           optimizer_sizes=ctx.comm.allgather(ours_state.size) + [ref_state.size],
+           runner_states=ctx.comm.allgather(agent.runner_state.to_dict()), reference_runner_state=ref_runner,
+           differed_before_close=len({b.tobytes() for b in ctx.comm.allgather(before_close)}) > 1,
+           moved=float(np.max(np.abs(flat(model) - flat(make(seed=5))))))
 
 
 # 6. An optimizer whose constructor needs more than the parameters is used as it is.
