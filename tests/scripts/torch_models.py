@@ -171,7 +171,9 @@ def low_precision(case, strategy="sync"):
     if wide:
         wide = torch.cat(wide)
         off_grid = float((wide != wide.float().double()).double().mean())
-    return {"identical": identical(model), "first": losses[0], "last": losses[-1],
+    # a whole cycle of the 4 batches at each end: one batch's loss against another's is noise
+    # (Downpour failed 0.845 < 0.8 x first once on a loaded machine, comparing batch 3 with batch 0)
+    return {"identical": identical(model), "first": sum(losses[:4]) / 4, "last": sum(losses[-4:]) / 4,
             "dtypes": sorted({str(p.dtype) for p in model.parameters()}), "shared_as": str(agent.dtype),
             "start_exact": start_exact, "float64_off_float32_grid": off_grid}
 
