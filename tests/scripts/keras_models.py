@@ -132,7 +132,9 @@ class StepRecord(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.weights.append(all_weights(self.model))
-        self.scales.append(float(self.model.optimizer.inner_optimizer.dynamic_scale.numpy()))
+        outer = self.model.optimizer  # KerasAgent's order: DistributedOptimizer(LossScaleOptimizer)
+        scaling = outer if isinstance(outer, keras.optimizers.LossScaleOptimizer) else outer.inner_optimizer
+        self.scales.append(float(scaling.dynamic_scale.numpy()))
 
 
 keras.mixed_precision.set_global_policy("mixed_float16")
