@@ -154,3 +154,17 @@ def run_job(
         path = SCRIPTS / path
     prefix = list(launcher) if launcher is not None else mpirun_command(np)
     return run_command([*prefix, sys.executable, str(path), *args], timeout=timeout, env=env)
+
+
+class Checks(dict):
+    """A finished job's RESULT lines by their ``check`` field. A missing one fails the test that
+    asks for it, with the job's output; the job's own exit is for a test of its own
+    (``checks.job.check()``), so one broken check fails alone."""
+
+    def __init__(self, job):
+        super().__init__((r["check"], r) for r in job.results())
+        self.job = job
+
+    def __missing__(self, name):
+        raise AssertionError(f"no RESULT for {name!r}; the job {'timed out' if self.job.timed_out else 'exited'} "
+                             f"{self.job.returncode}:\n{self.job.output[-6000:]}")

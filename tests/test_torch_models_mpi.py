@@ -2,22 +2,9 @@
 
 import pytest
 
-from mpirun import run_job
+from mpirun import Checks, run_job
 
 STRATEGIES = ["sync", "localsgd", "downpour", "easgd", "gossip"]
-
-
-class Checks(dict):
-    """The job's RESULT lines by check; a missing one fails its test with the job's output
-    (the job itself is checked by its own test, so one broken check fails alone)."""
-
-    def __init__(self, job):
-        super().__init__((r["check"], r) for r in job.results())
-        self.job = job
-
-    def __missing__(self, name):
-        raise AssertionError(f"no RESULT for {name!r}; the job {'timed out' if self.job.timed_out else 'exited'} "
-                             f"{self.job.returncode}:\n{self.job.output[-6000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mpirun import run_job
+from mpirun import Checks, run_job
 
 MISMATCHES = {  # case -> what the error must name (rank 0's, then rank 1's)
     "names": ["parameter 2 is 'head.weight' on rank 0 but 'out.weight' on rank(s) 1"],
@@ -10,19 +10,6 @@ MISMATCHES = {  # case -> what the error must name (rank 0's, then rank 1's)
     "extra_buffer": ["rank(s) 1 have extra parameter 'shift' that rank 0 lacks"],
     "buffer_dtype": ["parameter 'scale' has shape (4,) float64 on rank 0 but shape (4,) float32 on rank(s) 1"],
 }
-
-
-class Checks(dict):
-    """The job's RESULT lines by check; a missing one fails its test with the job's output
-    (the job itself is checked by its own test, so one broken check fails alone)."""
-
-    def __init__(self, job):
-        super().__init__((r["check"], r) for r in job.results())
-        self.job = job
-
-    def __missing__(self, name):
-        raise AssertionError(f"no RESULT for {name!r}; the job {'timed out' if self.job.timed_out else 'exited'} "
-                             f"{self.job.returncode}:\n{self.job.output[-6000:]}")
 
 
 @pytest.fixture(scope="module")
