@@ -187,7 +187,9 @@ def test_sigkill_at_any_point_of_save_leaves_the_previous_checkpoint_whole(frame
     size = (tmp_path / "ckpt").stat().st_size
     assert size > 200e6
     rng = random.Random(23)
-    delays = [seconds * (i + rng.random()) / KILLS for i in range(KILLS)]  # spread over the write
+    # spread over the first 70 % of the write as first measured: a later save that runs faster
+    # (a warm page cache) still has every kill inside it
+    delays = [0.7 * seconds * (i + rng.random()) / KILLS for i in range(KILLS)]
     saved, landed_mid_write = 0, 0
     for delay in delays:
         proc = _start_writer(framework, tmp_path, 1000)
@@ -197,7 +199,10 @@ def test_sigkill_at_any_point_of_save_leaves_the_previous_checkpoint_whole(frame
         rest = proc.stdout.read()
         proc.wait(30)
         r = _loaded(lines)
-        assert r["loaded"] == saved and r["intact"], (delay, r)
+        # the previous writer's last whole save, or (killed between its rename and its SAVED
+        # line) the one after it: the old file or the new one, whole, never a mix
+        assert r["intact"] and r["loaded"] in (saved, saved + 1), (delay, saved, r)
+        saved = r["loaded"]
         assert len(r["leftovers"]) <= 1 and all(checkpoint._temporary_names(tmp_path / "ckpt").fullmatch(n)
                                                 for n in r["leftovers"]), r
         progress = [line for line in [lines[-1], *rest.splitlines()] if line.startswith("SAV")]
@@ -208,6 +213,6 @@ def test_sigkill_at_any_point_of_save_leaves_the_previous_checkpoint_whole(frame
     lines = _lines_until(last, "RESULT {\"done\"", deadline)
     last.wait(60)
     r = _loaded(lines)
-    assert r["loaded"] == saved and r["intact"], r
+    assert r["intact"] and r["loaded"] in (saved, saved + 1), (saved, r)
     assert '"leftovers": []' in lines[-1]  # the next save removed the killed writer's file
     assert landed_mid_write >= KILLS // 2, f"only {landed_mid_write} of {KILLS} kills landed inside a save"
