@@ -21,6 +21,7 @@ from .errors import (
     HvdAgentsError,
     LauncherError,
     ModelMismatchError,
+    NonFiniteError,
     OneSidedUnavailableError,
     ThreadLevelError,
     UsageError,
@@ -50,6 +51,7 @@ __all__ = [
     "OneSidedUnavailableError",
     "ThreadLevelError",
     "ModelMismatchError",
+    "NonFiniteError",
     "ClosedError",
     "UsageError",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "ModelMismatchError",
     "ClosedError",
     "UsageError",
+    "NonFiniteError",
 ]
 
 
@@ -44,3 +45,30 @@ class ClosedError(HvdAgentsError):
 
 class UsageError(HvdAgentsError):
     """Methods were called in an order that cannot work (the message explains the order)."""
+
+
+class NonFiniteError(ValueError):
+    """An agent was about to share (or step with) a NaN or an infinity; nothing was applied.
+
+    Asynchronous strategies: raised on the pushing rank before any window changes (the centre,
+    or a peer's model, would hold the value for every agent from then on). ``Sync(nonfinite=
+    "raise")``: raised on every rank alike before an optimizer step on a non-finite averaged
+    gradient. The message names the strategy, the step and the first non-finite parameter;
+    uncaught, it ends the job like any exception."""
+
+    #: What happened instead (the asynchronous strategies' refusal; ``Sync`` says its own).
+    REFUSED = "it was refused before anything was written, so the shared model is still finite"
+
+    def __init__(self, strategy: str, parameter: str, value: float, what: str, step: int | None = None,
+                 outcome: str = REFUSED) -> None:
+        super().__init__(strategy, parameter, value, what, step, outcome)
+        self.strategy, self.parameter, self.value, self.what, self.step = strategy, parameter, value, what, step
+        self.outcome = outcome
+
+    def __str__(self) -> str:
+        at = f" at step {self.step}" if self.step is not None else ""
+        return (
+            f"{self.strategy}{at}: {self.what} holds a non-finite value ({self.value!r}) in parameter "
+            f"{self.parameter!r}; {self.outcome}. Find where the loss or gradients became NaN/Inf (a learning rate "
+            "too high, a log of zero, float16 overflow), or clip the gradients."
+        )

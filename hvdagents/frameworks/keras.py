@@ -102,6 +102,11 @@ class KerasAgent(Agent):
                 "Sync.backward_passes_per_step must be 1 with KerasAgent; for gradient accumulation set "
                 f"gradient_accumulation_steps on the Keras optimizer; got {strategy.backward_passes_per_step}"
             )
+        if strategy.nonfinite != "pass":
+            raise ValueError(
+                f"Sync.nonfinite={strategy.nonfinite!r} is checked by TorchAgent only; with KerasAgent use "
+                "keras.callbacks.TerminateOnNaN(), or LossScaleOptimizer to skip such steps"
+            )
         self.model.optimizer = distributed_outermost(self.model.optimizer, strategy.compression)
         self.model.optimizer.build(self.model.trainable_variables)
         if self.model.train_function is not None:
@@ -190,6 +195,9 @@ class KerasAgent(Agent):
     def get_flat(self) -> np.ndarray:
         return np.concatenate([np.ravel(np.asarray(v.numpy(), dtype=self._dtype))
                                for v in self.model.trainable_variables])
+
+    def parameter_sizes(self) -> list[tuple[str, int]]:
+        return [(v.path, int(np.prod(v.shape))) for v in self.model.trainable_variables]
 
     def set_flat(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=self._dtype)

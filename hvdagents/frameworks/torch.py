@@ -181,6 +181,9 @@ class TorchAgent(Agent):
             flat = torch.cat([p.detach().reshape(-1).to(device="cpu", dtype=wide) for p in self._params])
         return flat.numpy()  # cat made new memory: no second copy
 
+    def parameter_sizes(self) -> list[tuple[str, int]]:
+        return [(name, p.numel()) for name, p in self.model.named_parameters() if p.is_floating_point()]
+
     def set_flat(self, values: np.ndarray) -> None:
         """Write ``values`` (in :meth:`get_flat` order) into the parameters that require a
         gradient now; frozen parameters keep their values exactly."""
@@ -244,6 +247,7 @@ class TorchAgent(Agent):
         self._gradients = GradientAllreducer(
             self._hvd, self.model, self.optimizer,
             compression=strategy.compression, backward_passes_per_step=strategy.backward_passes_per_step,
+            nonfinite=strategy.nonfinite, step_number=lambda: self._runner.state.step + 1,
         )
         return self._gradients
 

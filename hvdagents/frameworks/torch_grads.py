@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ..errors import ModelMismatchError, UsageError
+from ..errors import ModelMismatchError, NonFiniteError, UsageError
 
 __all__ = ["GradientAllreducer", "wire_tensor"]
 
@@ -113,7 +113,8 @@ class GradientAllreducer:
     """
 
     def __init__(self, hvd: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
-                 compression: str | None, backward_passes_per_step: int) -> None:
+                 compression: str | None, backward_passes_per_step: int, nonfinite: str = "pass",
+                 step_number: Callable[[], int] = lambda: 0) -> None:
         self._hvd = hvd
         self._optimizer = optimizer
         self._names = {id(p): name for name, p in model.named_parameters()}
@@ -121,6 +122,8 @@ class GradientAllreducer:
         self._fp16 = compression == "fp16"
         self._size = hvd.size()
         self._passes_per_step = backward_passes_per_step
+        self._check_finite = nonfinite == "raise"
+        self._step_number = step_number  # the optimizer step about to be taken (1-based)
         self._sparse = {  # parameters whose gradients are sparse (known before the first one)
             id(m.weight) for m in model.modules()
             if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse
@@ -252,12 +255,30 @@ class GradientAllreducer:
         if self._has_closure(args, kwargs):
             return  # step(closure): the closure's backward passes average; checked after
         self._check_averaged("optimizer.step()")
+        self._refuse_nonfinite(self._step_number(), "the optimizer step was not taken, on any rank")
 
     def _after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         if self._has_closure(args, kwargs):
             self._check_averaged("optimizer.step(closure): the closure")
+            # the agent's own post-hook (registered first) has counted this step already
+            self._refuse_nonfinite(self._step_number() - 1,
+                                   "optimizer.step(closure) had already applied it, on every rank")
         self._passes, self._averaged, self._unaveraged_local = 0, False, False
         self._grads_seen = {}
+
+    def _refuse_nonfinite(self, step: int, outcome: str) -> None:
+        """``Sync(nonfinite="raise")``: raise :class:`NonFiniteError` when an averaged gradient
+        holds a NaN or an infinity. Local, but the averaged gradients are the same on every
+        rank, so every rank raises alike (the parameters are checked in sorted name order)."""
+        if not self._check_finite:
+            return
+        grads = {name: p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+                 for name, p in self._tracked.items() if p.grad is not None}
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+            return
+        name, grad = next((n, g) for n, g in grads.items() if not bool(torch.isfinite(g).all()))
+        value = float(grad[~torch.isfinite(grad)].reshape(-1)[0])
+        raise NonFiniteError("Sync", name, value, "the averaged gradient", step, outcome)
 
     def _check_averaged(self, who: str) -> None:
         if self._averaged and not self._unaveraged_local:

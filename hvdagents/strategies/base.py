@@ -52,6 +52,10 @@ class ParameterAccess(Protocol):
     def set_flat(self, values: np.ndarray) -> None:
         """Overwrite all parameters from a 1-D host array in :meth:`get_flat` order."""
 
+    def parameter_sizes(self) -> list[tuple[str, int]]:
+        """Each parameter's name and number of elements, in :meth:`get_flat` order (to name
+        the parameter behind a position of the flat vector in errors)."""
+
     def average_parameters(self) -> None:
         """Collective: replace every parameter by its mean over all ranks (grouped all-reduce)."""
 

@@ -50,14 +50,24 @@ class Sync(Strategy):
     float16 on the wire). ``backward_passes_per_step``: gradients of this many backward
     passes are accumulated locally before one all-reduce and one optimizer step (PyTorch:
     exactly that many; ``agent.no_sync()`` is the flexible form).
+
+    ``nonfinite``: ``"pass"`` (the default, as DDP and Horovod) steps on an averaged gradient
+    that holds a NaN or an infinity: every rank gets the same one (``GradScaler`` relies on
+    that to skip the step on every rank alike). ``"raise"`` (PyTorch) checks the averaged
+    gradient before every optimizer step (``step(closure)``: after it) and raises
+    :class:`~hvdagents.errors.NonFiniteError` on every rank alike, naming the step and the
+    first such parameter; a step ``GradScaler`` skips is not checked.
     """
 
     compression: Optional[str] = None
     backward_passes_per_step: int = 1
+    nonfinite: str = "pass"
 
     def __post_init__(self) -> None:
         if self.compression not in (None, "fp16"):
             raise ValueError(f"Sync.compression must be None or 'fp16'; got {self.compression!r}")
+        if self.nonfinite not in ("pass", "raise"):
+            raise ValueError(f"Sync.nonfinite must be 'pass' or 'raise'; got {self.nonfinite!r}")
         _check_int("Sync", "backward_passes_per_step", self.backward_passes_per_step, 1)
 
 

@@ -13,6 +13,13 @@ Every method says whether it is collective; :meth:`Exchange.exchange` never is.
 - :class:`GossipExchange` — no centre: pairwise averaging that moves both sides (AD-PSGD,
   Lian et al. 2018): each agent's effective model lives in an :class:`~.windows.InboxWindow`
   that peers read and deliver their half of an exchange to.
+
+Nothing non-finite is shared: what an exchange would write (Downpour's change, EASGD's elastic
+difference, Gossip's model) is checked first with one ``np.isfinite`` pass over the flat vector
+(2-4 ms for 10^7 elements here, a few times less than the subtraction that builds it), and a
+NaN or infinity raises :class:`~hvdagents.errors.NonFiniteError` on this rank before any
+window changes: one such push would otherwise stay in the centre, or in a peer's model, for
+every agent and the rest of the run.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..collectives import mean_over_ranks
+from ..errors import NonFiniteError
 from .base import ParameterAccess
 from .config import EASGD, Downpour, Gossip, Strategy
 from .windows import ClockWindow, InboxWindow, ParameterWindow
@@ -46,6 +54,17 @@ class Exchange(ABC):
 
     def _flat(self, params: ParameterAccess) -> np.ndarray:
         return np.asarray(params.get_flat(), dtype=self.dtype)
+
+    def _refuse_nonfinite(self, values: np.ndarray, params: ParameterAccess, what: str) -> None:
+        """Raise :class:`NonFiniteError` naming the first parameter of ``values`` (a vector in
+        :meth:`ParameterAccess.get_flat` order) that holds a NaN or an infinity. Local."""
+        if np.isfinite(values).all():
+            return
+        index = int(np.argmin(np.isfinite(values)))
+        sizes = params.parameter_sizes()
+        ends = np.cumsum([size for _, size in sizes])
+        name = sizes[int(np.searchsorted(ends, index, side="right"))][0]
+        raise NonFiniteError(type(self.strategy).__name__, name, float(values[index]), what)
 
     @abstractmethod
     def seed(self, params: ParameterAccess) -> None:
@@ -149,6 +168,7 @@ class DownpourExchange(CentreExchange):
             # τ: updates the centre received since this agent's pull, its own one included
             self.last_staleness = int(self._pushes.clocks().sum()) - self._version + 1
             delta /= self.last_staleness
+        self._refuse_nonfinite(delta, params, "the change to push into the centre")
         self.store.push(delta)
         if self._pushes is not None:
             self._pushes.tick()
@@ -191,6 +211,7 @@ class EASGDExchange(CentreExchange):
         x = self._flat(params)  # a fresh host copy: updated in place
         elastic = x - self.store.pull()
         elastic *= self.strategy.alpha
+        self._refuse_nonfinite(elastic, params, "the elastic difference to push into the centre")
         x -= elastic
         self.store.push(elastic)
         params.set_flat(x)
@@ -255,6 +276,7 @@ class GossipExchange(Exchange):
 
     def exchange(self, params: ParameterAccess) -> None:
         x = self._flat(params)
+        self._refuse_nonfinite(x, params, "the model to average with peers")
         np.subtract(x, self._published, out=self._changed)  # own progress since publishing
         self._fold_deliveries(x)
         if self.size > 1:
@@ -281,6 +303,10 @@ class GossipExchange(Exchange):
         self.models.deliver(self.rank, self._changed)  # publish: the window now holds x
         self._published[:] = x
         params.set_flat(x)
+
+    def settle(self, params: ParameterAccess) -> None:
+        """Refuse a non-finite model before the consensus averages it into every rank's."""
+        self._refuse_nonfinite(self._flat(params), params, "the model to average at close()")
 
     def consensus(self, params: ParameterAccess) -> np.ndarray:
         """The exact mean of all models once every delivery is folded into its owner, the same

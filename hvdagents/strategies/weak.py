@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import LauncherError, UsageError
+from ..errors import LauncherError, NonFiniteError, UsageError
 from .base import ParameterAccess, Runner
 from .config import Strategy
 from .exchanges import Exchange
@@ -88,7 +88,11 @@ class AsyncRunner(Runner):
         self._require_running("after_step")
         self.state.step += 1
         if self.state.step - self.state.last_sync_step >= self.strategy.period:
-            self.exchange.exchange(params)
+            try:
+                self.exchange.exchange(params)
+            except NonFiniteError as err:
+                err.step = self.state.step  # the exchange does not count steps
+                raise
             self.state.last_sync_step = self.state.step
 
     def reseed(self, params: ParameterAccess) -> None:
@@ -123,7 +127,11 @@ class AsyncRunner(Runner):
         if self._phase == _FINISHED:
             return
         self._require_running("finish")
-        self.exchange.settle(params)
+        try:
+            self.exchange.settle(params)
+        except NonFiniteError as err:
+            err.step = self.state.step
+            raise
         self._comm.Barrier()
         params.set_flat(self.exchange.consensus(params))
         self.state.last_sync_step = self.state.step
