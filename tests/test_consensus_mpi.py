@@ -5,6 +5,7 @@ mean over the ranks, counters rank 0's. Every strategy, float32 and bfloat16 (2 
 job per dtype loops over the strategies (tests/scripts/torch_consensus.py)."""
 
 import pytest
+from consensus import assert_parameters_are_the_promised_consensus
 
 from mpirun import run_job
 
@@ -28,13 +29,7 @@ def test_torch_model_after_close_is_the_promised_consensus(results, strategy):
     result = by_strategy[strategy]
     tolerance = PARAMS_TOLERANCE[dtype]
     assert result["identical"] and result["finite"]  # bit-identical on every rank
-    # parameters: the strategy's consensus, computed by the script from what every rank recorded
-    assert result["params_error"] <= tolerance, result
-    if strategy == "sync":
-        assert result["models_identical_before"]
-    else:  # each rank's own model was far from it: keeping or broadcasting one would fail
-        assert not result["models_identical_before"]
-        assert result["params_spread"] > 2 * tolerance, result
+    assert_parameters_are_the_promised_consensus(result, strategy, tolerance)
     # floating buffers: the float64 mean over the ranks, rounded once to the dtype
     assert result["buffers_spread_ulps"] > 100  # the ranks' BatchNorm statistics differed
     assert result["buffers_error_ulps"] <= 1.0, result

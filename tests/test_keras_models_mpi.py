@@ -1,6 +1,7 @@
 """KerasAgent on the models users train (tests/scripts/keras_models.py, 2 ranks)."""
 
 import pytest
+from consensus import assert_parameters_are_the_promised_consensus
 
 from mpirun import run_job
 
@@ -25,13 +26,7 @@ def test_model_after_close_is_the_promised_consensus(results, strategy):
     (result,) = [r for r in by_check(results, "keras_consensus") if r["strategy"] == strategy]
     tolerance = PARAMS_TOLERANCE
     assert result["identical"]  # every weight bit-identical on every rank
-    # trainable weights: the strategy's consensus, computed by the script from what every rank recorded
-    assert result["params_error"] <= tolerance, result
-    if strategy == "sync":
-        assert result["models_identical_before"]
-    else:  # each rank's own model was far from it: keeping or broadcasting one would fail
-        assert not result["models_identical_before"]
-        assert result["params_spread"] > 2 * tolerance, result
+    assert_parameters_are_the_promised_consensus(result, strategy, tolerance)
     # BatchNorm's moving statistics: the float64 mean over the ranks, rounded once
     assert result["moving_spread_ulps"] > 100  # the ranks' statistics differed
     assert result["moving_error_ulps"] <= 1.0, result
