@@ -10,12 +10,12 @@ pickled, through ``mpi4py.util.pkl5``, which lifts the limit for objects too.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
 __all__ = ["PIECE_BYTES", "MEAN_PIECE", "bcast_array", "bcast_object", "allgather_object", "bcast_tree",
-           "mean_over_ranks"]
+           "mean_over_ranks", "Problem", "agreement_error", "agree", "first_problem"]
 
 #: Largest single MPI message, in bytes (well below 2**31).
 PIECE_BYTES = 1 << 30
@@ -130,3 +130,46 @@ def mean_over_ranks(comm: Any, local: np.ndarray, out: np.ndarray, root: int = 0
             out[lo:lo + piece.size] = total / comm.Get_size()
     comm.Bcast(out, root=root)
     return out
+
+
+#: A rank's own finding about its arguments: ``(exception type, message)``, or ``None``.
+Problem = Optional[tuple[type, str]]
+
+
+def agreement_error(gathered: Sequence[tuple[Problem, Any]], rank: int,
+                    differ: Union[str, Callable[[list[Any]], str], None] = None) -> Optional[Exception]:
+    """Pure: the error rank ``rank`` raises once every rank's ``(problem, value)`` was gathered
+    (``gathered[r]`` is rank r's), the same on every rank; ``None`` when all is well.
+
+    The first rank's problem wins, as its type and message (``" (on rank r)"`` added on the
+    other ranks). Otherwise, when ``differ`` is given and the values are not all equal, a
+    ``ValueError``: ``differ(values)``, or ``"{differ}; got rank 0: v0, rank 1: v1, ..."``."""
+    for where, (problem, _) in enumerate(gathered):
+        if problem is not None:
+            kind, message = problem
+            return kind(message + ("" if where == rank else f" (on rank {where})"))
+    values = [value for _, value in gathered]
+    if differ is None or all(value == values[0] for value in values[1:]):
+        return None
+    if callable(differ):
+        return ValueError(differ(values))
+    return ValueError(f"{differ}; got " + ", ".join(f"rank {r}: {v}" for r, v in enumerate(values)))
+
+
+def agree(comm: Any, problem: Problem = None, value: Any = None, *,
+          differ: Union[str, Callable[[list[Any]], str], None] = None) -> None:
+    """Collective, one ``allgather`` of small objects: every rank raises the same error when
+    any rank found a ``problem`` with its arguments, or (``differ`` given) when the ranks'
+    ``value`` differ (see :func:`agreement_error`); otherwise every rank returns.
+
+    Call it before the first collective that arguments can derail: a mistake on one rank then
+    cannot leave the others waiting in a collective that rank never enters."""
+    error = agreement_error(comm.allgather((problem, value)), comm.Get_rank(), differ)
+    if error is not None:
+        raise error
+
+
+def first_problem(comm: Any, problem: Any) -> Any:
+    """Collective: the lowest rank's ``problem`` that is set (any picklable value; ``None`` or
+    empty is none), the same on every rank, or ``None`` when no rank has one."""
+    return next((p for p in comm.allgather(problem) if p), None)

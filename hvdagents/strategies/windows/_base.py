@@ -12,6 +12,8 @@ from typing import Any, Optional, TypeVar
 
 import numpy as np
 
+from ...collectives import Problem
+from ...collectives import agree as agree_on
 from ...errors import ClosedError, LauncherError
 from .relay import FETCH_SUM, GET, SUM, Layout, Relay, layout_for
 from .transport import check_one_sided
@@ -103,35 +105,27 @@ def resolve_comm(comm: Any) -> Any:
     return comm
 
 
-def agree(comm: Any, owner: str, problem: Optional[tuple[str, str]], signature: tuple) -> None:
+def agree(comm: Any, owner: str, problem: Problem, signature: tuple) -> None:
     """Collective: every rank raises the same error if any rank's arguments are bad or differ.
 
     Arguments are checked after one ``allgather``, so a mistake on one rank cannot leave the
     others waiting in the window's collective constructor.
     """
-    gathered = comm.allgather((problem, signature))
-    for rank, (bad, _) in enumerate(gathered):
-        if bad is not None:
-            kind, message = bad
-            where = "" if rank == comm.Get_rank() else f" (on rank {rank})"
-            raise (TypeError if kind == "TypeError" else ValueError)(message + where)
-    if len({sig for _, sig in gathered}) > 1:
-        listed = ", ".join(f"rank {r}: {sig}" for r, (_, sig) in enumerate(gathered))
-        raise ValueError(f"{owner} must be created with the same arguments on every rank; got {listed}")
+    agree_on(comm, problem, signature, differ=f"{owner} must be created with the same arguments on every rank")
 
 
-def check_vector_args(owner: str, n: Any, dtype: Any) -> tuple[Optional[tuple[str, str]], int, Any]:
+def check_vector_args(owner: str, n: Any, dtype: Any) -> tuple[Problem, int, Any]:
     """Local checks of (n, dtype); returns (problem or None, n, dtype)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        return ("TypeError", f"{owner} n must be an int; got {type(n).__name__} {n!r}"), 0, None
+        return (TypeError, f"{owner} n must be an int; got {type(n).__name__} {n!r}"), 0, None
     if n < 1:
-        return ("ValueError", f"{owner} n must be >= 1; got {n}"), 0, None
+        return (ValueError, f"{owner} n must be >= 1; got {n}"), 0, None
     try:
         dt = None if dtype is None else np.dtype(dtype)
     except TypeError:
         dt = None
     if dt is None or dt not in SUPPORTED_DTYPES:  # (`None in SUPPORTED_DTYPES` is True)
-        return ("ValueError", f"{owner} dtype must be float32 or float64; got {dtype!r}"), 0, None
+        return (ValueError, f"{owner} dtype must be float32 or float64; got {dtype!r}"), 0, None
     return None, int(n), dt
 
 

@@ -42,6 +42,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ...collectives import agree
+
 __all__ = ["MODES", "window_mode", "Layout", "Relay", "layout_for", "SUM", "REPLACE", "GET", "FETCH_SUM"]
 
 MODES = ("auto", "mpi", "relay")
@@ -251,14 +253,8 @@ def layout_for(comm: Any) -> Layout:
     try:
         mode, problem = window_mode(), None
     except ValueError as err:
-        mode, problem = "", str(err)
-    seen = comm.allgather((mode, problem))
-    for rank, (_, bad) in enumerate(seen):
-        if bad is not None:
-            raise ValueError(bad + ("" if rank == comm.Get_rank() else f" (on rank {rank})"))
-    if len({m for m, _ in seen}) > 1:
-        raise ValueError("HVDAGENTS_WINDOWS must be the same on every rank; got "
-                         + ", ".join(f"rank {r}: {m}" for r, (m, _) in enumerate(seen)))
+        mode, problem = "", (ValueError, str(err))
+    agree(comm, problem, mode, differ="HVDAGENTS_WINDOWS must be the same on every rank")
     rank = comm.Get_rank()
     if mode == "mpi":
         group = comm

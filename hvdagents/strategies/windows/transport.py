@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from ...collectives import first_problem
 from ...errors import OneSidedUnavailableError
 
 __all__ = ["OneSidedVerdict", "spans_nodes", "probe", "shared_problem", "check_one_sided",
@@ -159,9 +160,9 @@ def probe(comm: Any) -> OneSidedVerdict:
         except Exception as err:  # noqa: BLE001 - any MPI failure is the verdict
             text = str(err).splitlines()[0] if str(err) else type(err).__name__
             problem = f"MPI cannot create a one-sided window {where} ({text})"
-    problems = [p for p in comm.allgather(problem) if p]
-    if problems:
-        verdict = OneSidedVerdict(False, nodes, f"{library}: {problems[0]}")
+    problem = first_problem(comm, problem)
+    if problem:
+        verdict = OneSidedVerdict(False, nodes, f"{library}: {problem}")
     else:
         verdict = OneSidedVerdict(True, nodes, f"{library}: {PROBE_ROUNDS * comm.Get_size()} concurrent "
                                                f"accumulates per rank {where}, none lost")
@@ -178,8 +179,7 @@ def shared_problem(comm: Any, *, whole: Any = None) -> Optional[str]:
     verdict = probe(comm)
     problem = None if verdict.ok else f"{verdict.detail} ({verdict.nodes} node(s))"
     if whole is not None:
-        problems = [p for p in whole.allgather(problem) if p]
-        problem = problems[0] if problems else None
+        problem = first_problem(whole, problem)
     return problem
 
 
