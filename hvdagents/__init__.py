@@ -27,7 +27,7 @@ from .errors import (
     UsageError,
 )
 from .runtime import Context, context, init
-from .strategies.config import EASGD, Downpour, Gossip, LocalSGD, Strategy, Sync
+from .strategies.config import EASGD, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "Downpour",
     "EASGD",
     "Gossip",
+    "ZeRO",
     "ParameterWindow",
     "TorchAgent",
     "KerasAgent",

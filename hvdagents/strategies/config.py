@@ -187,3 +187,46 @@ class Gossip(Strategy):
         if w.shape != (size, size):
             raise ValueError(f"Gossip.weights must be {size}x{size} for {size} ranks; got {w.shape[0]}x{w.shape[1]}")
         return w
+
+
+# -- sharded data parallelism (ZeRO) ----------------------------------------------------------------
+#: The stages of :class:`ZeRO`: what each shards beside the optimizer state.
+ZERO_STAGES = {1: "optimizer state", 2: "optimizer state and gradients"}
+
+
+@dataclass(frozen=True)
+class ZeRO(Strategy):
+    """Sharded synchronous data parallelism (ZeRO, Rajbhandari et al. 2020): ``Sync``'s
+    mathematics with the optimizer state (stage 1), and the gradients too (stage 2), split
+    over the ranks.
+
+    Each dtype of each param group is one flat vector of elements, cut into contiguous
+    ranges, one per rank, balanced to within one element; each rank steps the user's own
+    optimizer (its class and every param group's hyper-parameters, read again at every
+    step) on its range only, so its state exists for 1/N of the elements. Per step:
+
+    - ``stage=1``: the gradients are all-reduced as under :class:`Sync` (the mean is in
+      ``.grad`` when ``backward()`` returns), each rank steps its range, then the ranges
+      are all-gathered into every rank's parameters (all-reduce + all-gather).
+    - ``stage=2``: at the end of backward the gradients are reduce-scattered (each rank
+      receives the mean of its range only) and every ``.grad`` becomes ``None``; each rank
+      steps its range, then the ranges are all-gathered (reduce-scatter + all-gather: the
+      bytes of one all-reduce). Clip with ``agent.clip_grad_norm_`` (one extra all-reduce
+      of one number).
+
+    Only optimizers whose update of an element depends on that element alone can be cut so
+    (PyTorch: SGD, Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop, Adadelta); any other
+    class is refused on every rank when the agent is made. Checkpoints hold the whole
+    optimizer state, as ``Sync``'s do, and load under either strategy at any world size.
+    """
+
+    stage: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stage, bool) or not isinstance(self.stage, (int, np.integer)):
+            raise TypeError(f"ZeRO.stage must be an int; got {type(self.stage).__name__} {self.stage!r}")
+        if self.stage not in ZERO_STAGES:
+            raise ValueError(f"ZeRO.stage must be 1 or 2; got {self.stage}")
+
+
+__all__ += ["ZeRO"]

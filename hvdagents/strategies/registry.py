@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Callable
 
 from .base import LocalSGDRunner, Runner, SyncRunner
-from .config import EASGD, Downpour, Gossip, LocalSGD, Strategy, Sync
+from .config import EASGD, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
 from .exchanges import DownpourExchange, EASGDExchange, GossipExchange
+from .sharded import ShardedRunner
 from .staleness import StalenessBound
 from .weak import AsyncRunner
 
@@ -19,6 +20,7 @@ RUNNERS: dict[type, Callable[[Strategy], Runner]] = {
     Downpour: lambda s: AsyncRunner(s, DownpourExchange),
     EASGD: lambda s: AsyncRunner(s, EASGDExchange),
     Gossip: lambda s: AsyncRunner(s, GossipExchange),
+    ZeRO: ShardedRunner,
 }
 
 
@@ -29,7 +31,7 @@ def make_runner(strategy: Strategy) -> Runner:
     if factory is None:
         raise TypeError(
             f"strategy must be an hvdagents strategy (hva.Sync(), hva.LocalSGD(), hva.Downpour(), "
-            f"hva.EASGD(), hva.Gossip()); got {type(strategy).__name__}"
+            f"hva.EASGD(), hva.Gossip(), hva.ZeRO()); got {type(strategy).__name__}"
         )
     runner = factory(strategy)
     bound = getattr(strategy, "max_staleness", None)
