@@ -9,6 +9,7 @@ live in the adapters under :mod:`hvdagents.frameworks`, which subclass :class:`A
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from abc import ABC, abstractmethod
 from types import ModuleType
@@ -17,7 +18,7 @@ from typing import IO, Any, Sequence
 import numpy as np
 
 from .checkpoint import CheckpointError, write_atomic
-from .collectives import allgather_object, bcast_object, mean_over_ranks
+from .collectives import Problem, agree, allgather_object, bcast_object, mean_over_ranks
 from .errors import ClosedError, ModelMismatchError
 from .runtime import Context, agent_closed, agent_opened, horovod_binding, init, pin_gpu
 from .strategies.base import Runner, RunnerState
@@ -84,6 +85,21 @@ def check_same_model(signatures: Sequence[Sequence[ParameterSignature]]) -> None
     )
 
 
+def _agent_difference(made: Sequence[tuple[str, Strategy]]) -> str:
+    """Pure: what differs between rank 0's ``(agent class, strategy)`` and the first rank whose
+    pair differs, naming the strategy's fields."""
+    rank = next(r for r, m in enumerate(made) if m != made[0])
+    (kind0, s0), (kind, s) = made[0], made[rank]
+    if kind0 != kind or type(s0) is not type(s):
+        detail = f"rank 0 makes {kind0}(strategy={s0!r}) but rank {rank} makes {kind}(strategy={s!r})"
+    else:
+        names = [f.name for f in dataclasses.fields(s0) if getattr(s0, f.name) != getattr(s, f.name)]
+        detail = "; ".join(f"{type(s0).__name__}.{name} is {getattr(s0, name)!r} on rank 0 but "
+                           f"{getattr(s, name)!r} on rank {rank}" for name in names)
+    return (f"every rank must make the same agent with the same strategy settings: {detail}. Build the "
+            "strategy from the same values on every rank (not from the rank, a clock or a random draw).")
+
+
 class Agent(ABC):
     """Base of :class:`~hvdagents.TorchAgent` and :class:`~hvdagents.KerasAgent`.
 
@@ -103,14 +119,22 @@ class Agent(ABC):
     _closed = False
     _hvd: ModuleType | None
 
-    def __init__(self, strategy: Strategy | None, framework: str) -> None:
+    def __init__(self, strategy: Strategy | None, framework: str, problem: Problem = None) -> None:
+        """``problem``: what the adapter found wrong with its own arguments on this rank.
+
+        Collective: before anything else that communicates, one agreement over MPI (see
+        :func:`~hvdagents.collectives.agree`): a bad argument on any rank, or a strategy or
+        agent kind that differs between ranks, raises the same error on every rank."""
         self.context: Context = init()
         self.strategy: Strategy = Sync() if strategy is None else strategy
-        if not isinstance(self.strategy, Strategy):
-            raise TypeError(
-                "strategy must be one of hva.Sync(), hva.LocalSGD(), hva.Downpour(), hva.EASGD(), "
-                f"hva.Gossip(); got {type(self.strategy).__name__}"
-            )
+        if not isinstance(self.strategy, Strategy) and problem is None:
+            problem = (TypeError, "strategy must be one of hva.Sync(), hva.LocalSGD(), hva.Downpour(), hva.EASGD(), "
+                                  f"hva.Gossip(); got {type(self.strategy).__name__}")
+        made = (type(self).__name__, self.strategy if problem is None else None)
+        if self.context.mpi_world and self.context.size > 1:
+            agree(self.context.comm, problem, made, differ=_agent_difference)
+        elif problem is not None:  # alone, or under horovodrun --gloo (no MPI world to agree on first)
+            raise problem[0](problem[1])
         self._runner: Runner = make_runner(self.strategy)
         if self._runner.uses_horovod:
             self._hvd = horovod_binding(framework)

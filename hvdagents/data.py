@@ -16,6 +16,10 @@ def shard_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
     the slices tile ``range(n)`` exactly once, in rank order, on every rank alike.
     Pure arithmetic: no communication.
     """
+    for name, value in (("the number of items", n), ("rank", rank), ("size", size)):
+        if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__"):
+            raise TypeError(f"shard: {name} must be an int; got {type(value).__name__} {value!r}")
+    n, rank, size = int(n), int(rank), int(size)
     if n < 0:
         raise ValueError(f"shard: the number of items must be >= 0; got {n}")
     if size < 1:

@@ -66,12 +66,21 @@ class LaunchSpec:
     python: str = field(default_factory=lambda: sys.executable)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.np, int) or self.np < 1:
+        if isinstance(self.np, bool) or not isinstance(self.np, int) or self.np < 1:
             raise ValueError(f"LaunchSpec.np must be an integer >= 1; got {self.np!r}")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"LaunchSpec.launcher must be one of {LAUNCHERS}; got {self.launcher!r}")
-        if not self.script:
-            raise ValueError("LaunchSpec.script must name a script; got an empty string")
+        for name in ("script", "python"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"LaunchSpec.{name} must name a file; got {getattr(self, name)!r}")
+        if not isinstance(self.args, tuple) or not all(isinstance(a, str) for a in self.args):
+            raise ValueError(f"LaunchSpec.args must be a tuple of strings; got {self.args!r}")
+        if not isinstance(self.hosts, tuple) or not all(
+                isinstance(h, tuple) and len(h) == 2 and isinstance(h[0], str) and h[0]
+                and isinstance(h[1], int) and not isinstance(h[1], bool) and h[1] >= 1 for h in self.hosts):
+            raise ValueError(f"LaunchSpec.hosts must be a tuple of (host, slots >= 1) pairs; got {self.hosts!r}")
+        if not isinstance(self.oversubscribe, bool):
+            raise ValueError(f"LaunchSpec.oversubscribe must be True or False; got {self.oversubscribe!r}")
 
 
 def parse_hosts(text: str) -> tuple[tuple[str, int], ...]:

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..checkpoint import check_archive, check_header, framework_of, header, read_arrays, write_arrays, wrong_framework
-from ..collectives import bcast_array
+from ..collectives import Problem, bcast_array
 from ..errors import UsageError
 from ..keras.collectives import broadcast_variables
 from ..keras.optimizer import distributed_outermost
@@ -41,6 +41,17 @@ class _KeepWrapper:
         return None
 
 
+def _argument_problem(model: Any) -> Problem:
+    """What is wrong with KerasAgent's model on this rank (``None``: nothing). Local."""
+    if not isinstance(model, keras.Model):
+        return TypeError, f"model must be a keras.Model; got {type(model).__name__}"
+    if getattr(model, "optimizer", None) is None:
+        return UsageError, "KerasAgent needs a compiled model: call model.compile(optimizer=..., loss=...) first"
+    if not model.built:
+        return UsageError, "KerasAgent needs a built model: give it an input shape (keras.Input) or call model.build()"
+    return None
+
+
 class KerasAgent(Agent):
     """Make a compiled Keras 3 model a distributed agent. Collective constructor.
 
@@ -54,15 +65,7 @@ class KerasAgent(Agent):
     """
 
     def __init__(self, model: keras.Model, strategy: Strategy | None = None) -> None:
-        super().__init__(strategy, "tensorflow")
-        if not isinstance(model, keras.Model):
-            raise TypeError(f"model must be a keras.Model; got {type(model).__name__}")
-        if getattr(model, "optimizer", None) is None:
-            raise UsageError("KerasAgent needs a compiled model: call model.compile(optimizer=..., loss=...) first")
-        if not model.built:
-            raise UsageError(
-                "KerasAgent needs a built model: give it an input shape (keras.Input) or call model.build()"
-            )
+        super().__init__(strategy, "tensorflow", _argument_problem(model))  # raised on every rank
         self.model = model
         variables = model.trainable_variables
         wide = {np.dtype(v.dtype).itemsize > 4 for v in variables}

@@ -27,7 +27,7 @@ from torch.utils.serialization import config as serialization_config
 
 from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..checkpoint import CheckpointError, check_archive, check_header, framework_of, header, wrong_framework
-from ..collectives import bcast_array, bcast_tree
+from ..collectives import Problem, bcast_array, bcast_tree
 from ..errors import ModelMismatchError, UsageError
 from ..strategies.config import Strategy, Sync
 from .torch_grads import GradientAllreducer, names_checksum, wire_tensor
@@ -61,6 +61,18 @@ def host_array(tensor: torch.Tensor) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         t = t.to(torch.float32)
     return t.numpy().copy()
+
+
+def _argument_problem(model: Any, optimizer: Any) -> Problem:
+    """What is wrong with TorchAgent's arguments on this rank (``None``: nothing). Local."""
+    if not isinstance(model, torch.nn.Module):
+        return TypeError, f"model must be a torch.nn.Module; got {type(model).__name__}"
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        return TypeError, f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}"
+    if optimizer in _OPEN_AGENTS:
+        return UsageError, ("this optimizer already belongs to an open TorchAgent: close() that agent first, "
+                            "or give each agent its own optimizer")
+    return None
 
 
 class TorchAgent(Agent):
@@ -105,16 +117,7 @@ class TorchAgent(Agent):
         optimizer: torch.optim.Optimizer,
         strategy: Strategy | None = None,
     ) -> None:
-        super().__init__(strategy, "torch")
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer; got {type(optimizer).__name__}")
-        if optimizer in _OPEN_AGENTS:
-            raise UsageError(
-                "this optimizer already belongs to an open TorchAgent: close() that agent first, "
-                "or give each agent its own optimizer"
-            )
+        super().__init__(strategy, "torch", _argument_problem(model, optimizer))  # raised on every rank
         self.model = model
         self.optimizer = optimizer
         self._params = [p for p in model.parameters() if p.is_floating_point()]

@@ -156,6 +156,7 @@ class Gossip(Strategy):
 
     def __post_init__(self) -> None:
         _check_int("Gossip", "period", self.period, 1)
+        _check_int("Gossip", "seed", self.seed, 0)
         _check_staleness("Gossip", self.max_staleness)
         if self.weights is None:
             return
