@@ -324,10 +324,11 @@ class Agent(ABC):
             try:
                 payload = self._read_payload(name)
                 shared = payload.get("strategy_shared")
-                if shared is not None and np.shape(shared) != (self.num_parameters,):
+                expected = self._runner.snapshot_shape(self.num_parameters)
+                if shared is not None and np.shape(shared) != expected:
                     raise CheckpointError(
                         f"checkpoint {name!r} holds a centre of shape {np.shape(shared)} for "
-                        f"{self.num_parameters} parameters; it was not loaded"
+                        f"{self.num_parameters} parameters (expected {expected}); it was not loaded"
                     )
             except FileNotFoundError as err:
                 error = ("missing", f"cannot read checkpoint {name!r}: {err.strerror or err}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import IO, Any, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import IO, Any, Callable, Sequence
 
 import keras
 import numpy as np
@@ -63,6 +64,9 @@ class KerasAgent(Agent):
     with the right callbacks added (metric averaging first, the strategy's exchange after
     every batch) and progress output on rank 0 only.
     """
+
+    #: DiLoCo's sums run on this thread (made at the first, see :meth:`start_sum`).
+    _sum_thread: ThreadPoolExecutor | None = None
 
     def __init__(self, model: keras.Model, strategy: Strategy | None = None) -> None:
         super().__init__(strategy, "tensorflow", _argument_problem(model))  # raised on every rank
@@ -221,6 +225,22 @@ class KerasAgent(Agent):
                                                op=self._hvd.Average, name="hvdagents.params")
         for v, value in zip(variables, averaged):
             v.assign(value)
+
+    def trainable_mask(self) -> np.ndarray:
+        """DiLoCo: every element of :meth:`get_flat` is trained (it holds the trainable
+        variables only). Local."""
+        return np.ones(self.num_parameters, dtype=bool)
+
+    def start_sum(self, values: np.ndarray, wire: str, name: str) -> Callable[[], np.ndarray]:
+        """DiLoCo: collective, non-blocking. Horovod's TensorFlow all-reduce (sum) of the host
+        vector ``values`` in dtype ``wire`` runs on one worker thread of this agent (in the
+        order started, the same on every rank) while Keras trains on; returns the function
+        that waits for it and returns the sum in float64."""
+        if self._sum_thread is None:
+            self._sum_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hvdagents-diloco")
+        tensor = tf.constant(np.asarray(values, dtype=np.dtype(wire)))
+        done = self._sum_thread.submit(lambda: self._hvd.allreduce(tensor, op=self._hvd.Sum, name=name).numpy())
+        return lambda: done.result().astype(np.float64)
 
     # -- checkpoints ------------------------------------------------------------------------
     def _signature(self) -> list[ParameterSignature]:

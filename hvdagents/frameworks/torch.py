@@ -277,6 +277,22 @@ class TorchAgent(Agent):
     def _state_tensors(self) -> list[torch.Tensor]:
         """Parameters the strategy does not share, then buffers. ``Sync``/``LocalSGD``: the
         parameters outside the trainable set now; asynchronous strategies share every
+    def trainable_mask(self) -> np.ndarray:
+        """DiLoCo: True for the elements (in :meth:`get_flat` order) of the parameters trained
+        now, as :meth:`average_parameters` reads them. Local."""
+        wanted = {id(t) for t in self._trainable()}
+        return np.concatenate([np.full(p.numel(), id(p) in wanted) for p in self._params] or [np.zeros(0, bool)])
+
+    def start_sum(self, values: np.ndarray, wire: str, name: str) -> Callable[[], np.ndarray]:
+        """DiLoCo: collective, non-blocking. Starts Horovod's all-reduce (sum) of the host
+        vector ``values`` as a CPU tensor of dtype ``wire`` (every rank the same length and
+        ``name``, in the same order); returns the function that waits for it (Horovod's
+        ``synchronize``) and returns the sum in float64. Ranks that left through
+        :meth:`close` contribute zeros."""
+        tensor = torch.from_numpy(np.array(values, dtype=np.dtype(wire)))  # a copy Horovod may keep
+        handle = self._hvd.allreduce_async(tensor, op=self._hvd.Sum, name=name)
+        return lambda: self._hvd.synchronize(handle).numpy().astype(np.float64)
+
         floating-point parameter."""
         shared = {id(p) for p in (self._trainable() if self._hvd is not None else self._params)}
         rest = [p for p in self.model.parameters() if id(p) not in shared]

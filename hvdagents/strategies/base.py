@@ -111,6 +111,11 @@ class Runner(ABC):
         of Downpour/EASGD), or ``None``."""
         return None
 
+    def snapshot_shape(self, num_parameters: int) -> tuple[int, ...]:
+        """The shape :meth:`snapshot` has for a model of ``num_parameters`` (a loaded
+        checkpoint's is checked against it). Pure."""
+        return (num_parameters,)
+
     def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
         """Collective: a checkpoint was loaded on every rank; ``saved`` is rank 0's
         :meth:`snapshot` from it (read on rank 0 only; ``None`` means start the shared state

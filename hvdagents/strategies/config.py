@@ -231,3 +231,90 @@ class ZeRO(Strategy):
 
 
 __all__ += ["ZeRO"]
+
+
+# -- DiLoCo: local steps and an outer optimizer (Douillard et al. 2023) ------------------------------
+#: The pseudo-gradient's dtypes on the wire, each with its unit roundoff u (the relative error
+#: of rounding one value to it). Horovod 0.28 reduces no bfloat16 (neither its torch nor its
+#: TensorFlow ops), so "bfloat16" is refused with that reason.
+DILOCO_WIRE_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11}
+
+
+def _check_real(owner: str, field: str, value: Any, inside: Any, interval: str) -> None:
+    """A finite real number with ``inside(value)``, or the error naming ``interval``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{owner}.{field} must be a float; got {type(value).__name__} {value!r}")
+    if not (np.isfinite(float(value)) and inside(float(value))):
+        raise ValueError(f"{owner}.{field} must be in {interval}; got {value}")
+
+
+@dataclass(frozen=True)
+class DiLoCo(Strategy):
+    """DiLoCo (Douillard et al. 2023): ``inner_steps`` (H) local steps of the user's optimizer
+    (the inner optimizer), then the ranks all-reduce the *pseudo-gradient* Δ = θ_global − θ_local
+    and an outer optimizer, SGD with ``outer_momentum`` (Nesterov when ``nesterov``, PyTorch's
+    ``torch.optim.SGD`` rule), steps θ_global with the mean Δ, and every rank continues from the
+    new θ_global. The defaults are the paper's (H = 500, lr 0.7, momentum 0.9, Nesterov);
+    ``DiLoCo(H, outer_lr=1, outer_momentum=0)`` is ``LocalSGD(period=H)``.
+
+    Communication: one Horovod all-reduce of the trainable parameters' pseudo-gradient (one
+    flat host vector) per H steps, collective over every rank, plus one of 3 float64 numbers
+    (the ranks still training, and a check that they share the same parameters).
+
+    ``fragments`` (P, Streaming DiLoCo, Douillard et al. 2025): the flat vector is cut into P
+    contiguous ranges of equal size (to one element); fragment k is sent after every step t
+    with t ≡ (k+1)·H/P (mod H), so each fragment is synced once every H steps and the
+    exchanges are spread over the H steps (H must be a multiple of P). ``overlap`` (τ): the
+    all-reduce started after step t is non-blocking and finished after step t + τ, while the
+    next τ inner steps compute (τ = 0: blocking, the DiLoCo paper; τ < H/P, so that at most
+    one fragment is in flight). When it finishes, the fragment's outer step is applied and the
+    fragment of the model is set to the new θ_global: the τ local steps it took meanwhile are
+    dropped for that fragment (the paper's mixing factor α = 0).
+
+    ``wire_dtype``: the pseudo-gradient travels and is summed in "float32" (default),
+    "float16" (half the bytes; each rank's Δ is divided by the number of ranks first, as
+    ``Sync(compression="fp16")`` does, so the sum stays in range) or "float64". With N ranks
+    and u the dtype's unit roundoff (2⁻²⁴ float32, 2⁻¹¹ float16), rounding each rank's Δ and
+    every partial sum to the wire dtype errs the mean pseudo-gradient, element-wise, by at
+    most about N·u·max_i |Δ_i| (first order); θ_global moves by ``outer_lr`` times it (times
+    1 + momentum with Nesterov) per outer step, and momentum carries it into later steps.
+    float16 also flushes |Δ|/N below 6·10⁻⁸ to zero (subnormal rounding) and overflows above
+    65,504. "bfloat16" is refused: Horovod 0.28 cannot reduce it (torch nor TensorFlow).
+
+    The outer state, θ_global and the momentum buffer, is NumPy float64 on the host (16 bytes
+    per parameter beside the model), the same bits on every rank (each applies the same update
+    to the same all-reduced sum), saved in checkpoints and restored on resume.
+    """
+
+    inner_steps: int = 500
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    fragments: int = 1
+    overlap: int = 0
+    wire_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check_int("DiLoCo", "inner_steps", self.inner_steps, 1)
+        _check_real("DiLoCo", "outer_lr", self.outer_lr, lambda v: 0.0 < v <= 10.0, "(0, 10]")
+        _check_real("DiLoCo", "outer_momentum", self.outer_momentum, lambda v: 0.0 <= v < 1.0, "[0, 1)")
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"DiLoCo.nesterov must be a bool; got {self.nesterov!r}")
+        _check_int("DiLoCo", "fragments", self.fragments, 1)
+        if self.inner_steps % self.fragments:
+            raise ValueError(f"DiLoCo.inner_steps must be a multiple of DiLoCo.fragments ({self.fragments}), "
+                             f"so that a fragment is sent every inner_steps / fragments steps; got {self.inner_steps}")
+        _check_int("DiLoCo", "overlap", self.overlap, 0)
+        if self.overlap >= self.inner_steps // self.fragments:
+            raise ValueError(f"DiLoCo.overlap must be < inner_steps / fragments = {self.inner_steps // self.fragments} "
+                             f"(at most one fragment in flight); got {self.overlap}")
+        if self.wire_dtype == "bfloat16":
+            raise ValueError("DiLoCo.wire_dtype 'bfloat16' is not available: Horovod 0.28 cannot all-reduce bfloat16 "
+                             "(neither its torch nor its TensorFlow ops); use 'float16', the same bytes with 3 more "
+                             "mantissa bits (pseudo-gradients are small differences, well inside its range)")
+        if self.wire_dtype not in DILOCO_WIRE_ROUNDOFF:
+            raise ValueError(f"DiLoCo.wire_dtype must be one of {sorted(DILOCO_WIRE_ROUNDOFF)}; "
+                             f"got {self.wire_dtype!r}")
+
+
+__all__ += ["DiLoCo"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .base import LocalSGDRunner, Runner, SyncRunner
-from .config import EASGD, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
+from .config import EASGD, DiLoCo, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
+from .diloco import DiLoCoRunner
 from .exchanges import DownpourExchange, EASGDExchange, GossipExchange
 from .sharded import ShardedRunner
 from .staleness import StalenessBound
@@ -21,6 +22,7 @@ RUNNERS: dict[type, Callable[[Strategy], Runner]] = {
     EASGD: lambda s: AsyncRunner(s, EASGDExchange),
     Gossip: lambda s: AsyncRunner(s, GossipExchange),
     ZeRO: ShardedRunner,
+    DiLoCo: DiLoCoRunner,
 }
 
 
@@ -31,7 +33,7 @@ def make_runner(strategy: Strategy) -> Runner:
     if factory is None:
         raise TypeError(
             f"strategy must be an hvdagents strategy (hva.Sync(), hva.LocalSGD(), hva.Downpour(), "
-            f"hva.EASGD(), hva.Gossip(), hva.ZeRO()); got {type(strategy).__name__}"
+            f"hva.EASGD(), hva.Gossip(), hva.ZeRO(), hva.DiLoCo()); got {type(strategy).__name__}"
         )
     runner = factory(strategy)
     bound = getattr(strategy, "max_staleness", None)
