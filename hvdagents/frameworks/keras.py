@@ -242,6 +242,13 @@ class KerasAgent(Agent):
         done = self._sum_thread.submit(lambda: self._hvd.allreduce(tensor, op=self._hvd.Sum, name=name).numpy())
         return lambda: done.result().astype(np.float64)
 
+    def close(self) -> None:
+        """Collective: see :meth:`Agent.close`; then DiLoCo's worker thread, if any, ends."""
+        super().close()
+        if self._sum_thread is not None:
+            self._sum_thread.shutdown()
+            self._sum_thread = None
+
     # -- checkpoints ------------------------------------------------------------------------
     def _signature(self) -> list[ParameterSignature]:
         """Each weight's path, shape and dtype, with Keras' automatic numbering taken out of the

@@ -16,6 +16,7 @@ is :class:`OuterSGD` alone (pure, float64, in place on a range); the schedule is
 
 from __future__ import annotations
 
+import itertools
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
@@ -99,6 +100,11 @@ class _InFlight:
     checksum: float
 
 
+#: Numbers the runners of a process, in the order made (the same on every rank, agents being
+#: made collectively), so that two agents' sums in flight never share a Horovod name.
+_runner_numbers = itertools.count()
+
+
 def _mask_checksum(mask: np.ndarray) -> float:
     """21 bits of the CRC-32 of ``mask``: its square is exact in float64."""
     return float(zlib.crc32(np.packbits(mask).tobytes()) >> 11)
@@ -122,6 +128,7 @@ class DiLoCoRunner(Runner):
         self._ranges: list[tuple[int, int]] = []
         self._pending: Optional[_InFlight] = None
         self._applied = 0  # outer steps of fragments this rank applied since start/restore
+        self._prefix = f"hvdagents.diloco.{next(_runner_numbers)}"
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, params: ParameterAccess) -> None:
@@ -158,7 +165,7 @@ class DiLoCoRunner(Runner):
         if rank == 0 and saved is not None:
             local[0] = 1.0
             local[1:] = np.asarray(saved, dtype=np.float64).reshape(-1)
-        agreed = params.start_sum(local, "float64", "hvdagents.diloco.restore")()  # type: ignore[attr-defined]
+        agreed = params.start_sum(local, "float64", self._prefix + ".restore")()  # type: ignore[attr-defined]
         if agreed[0] == 0.0:
             self.reseed(params)
             return
@@ -208,7 +215,7 @@ class DiLoCoRunner(Runner):
         wire = self.strategy.wire_dtype
         scale = 1.0 / params.context.size if wire == "float16" else 1.0  # type: ignore[attr-defined]
         checksum = _mask_checksum(mask)
-        name = f"hvdagents.diloco.{fragment}"
+        name = f"{self._prefix}.{fragment}"
         self._pending = _InFlight(
             fragment, step, step + self.strategy.overlap,
             params.start_sum(delta * scale if scale != 1.0 else delta, wire, name),  # type: ignore[attr-defined]
@@ -264,13 +271,13 @@ class DiLoCoRunner(Runner):
         rank, size = params.context.rank, params.context.size  # type: ignore[attr-defined]
         counts = np.zeros(size)
         counts[rank] = self._applied
-        counts = params.start_sum(counts, "float64", "hvdagents.diloco.applied")()  # type: ignore[attr-defined]
+        counts = params.start_sum(counts, "float64", self._prefix + ".applied")()  # type: ignore[attr-defined]
         if np.all(counts == counts[0]):
             return
         source = int(np.argmax(counts))
         n = self.theta_global.size
         local = np.concatenate([self.theta_global, self.momentum]) if rank == source else np.zeros(2 * n)
-        agreed = params.start_sum(local, "float64", "hvdagents.diloco.adopt")()  # type: ignore[attr-defined]
+        agreed = params.start_sum(local, "float64", self._prefix + ".adopt")()  # type: ignore[attr-defined]
         self.theta_global, self.momentum = agreed[:n].copy(), agreed[n:].copy()
         self._applied = int(counts[source])
 
