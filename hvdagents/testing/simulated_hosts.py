@@ -12,13 +12,23 @@ for that travel as ``OMPI_MCA_*`` variables (:attr:`SimulatedHosts.env`), so the
 launcher (``python -m hvdagents launch --hosts ...``) runs unchanged. Used by the project's
 multi-host tests (``tests/multihost.py``) and benchmarks (``bench/crosshost.py``).
 
-Needs root, ``ip`` (iproute2) and ``unshare``; :func:`unavailable_reason` says what is
-missing. Everything made is torn down on close, every process left in a namespace killed.
+A slow network: ``link_rate`` (``"100mbit"``, ``"1gbit"``, ...; :meth:`SimulatedHosts.set_link_rate`
+changes it) shapes every host's link to the switch in both directions with a token bucket
+(``tc qdisc ... tbf``: each host sends at most that rate and receives at most that rate; traffic
+inside a host, over its loopback, is not shaped). :meth:`SimulatedHosts.bytes_sent` reads each
+host's link counters, so a test or benchmark can count the bytes that crossed between hosts
+(everything a host sent to another, including MPI's own wire-up and TCP headers).
+
+Needs root, ``ip`` (iproute2) and ``unshare`` (and ``tc`` for a link rate);
+:func:`unavailable_reason` says what is missing. Everything made is torn down on close, every
+process left in a namespace killed.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,41 +36,66 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["SimulatedHosts", "unavailable_reason", "SUBNET"]
+__all__ = ["SimulatedHosts", "unavailable_reason", "SUBNET", "parse_rate"]
 
 SUBNET = "10.99.0.0/24"
+#: tc's rate units, in bit/s.
+RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
+#: Queueing delay the token bucket allows before it drops (tc's ``latency``): TCP backs off
+#: on the drops, as it would at a real bottleneck.
+SHAPER_LATENCY = "50ms"
+
+
+def parse_rate(rate: str) -> int:
+    """``"100mbit"`` -> 100_000_000 (bit/s); a ``ValueError`` names anything else."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit)\s*", str(rate).lower())
+    bits = float(match.group(1)) * RATE_UNITS[match.group(2)] if match else 0
+    if not match or not 1000 <= bits <= 100 * 10**9:
+        raise ValueError(f"SimulatedHosts link_rate must be a rate such as '100mbit' or '1gbit' "
+                         f"(units bit, kbit, mbit, gbit; 1kbit to 100gbit); got {rate!r}")
+    return int(bits)
 
 
 def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
 
 
-def unavailable_reason() -> Optional[str]:
-    """Why hosts cannot be simulated here, or ``None`` when they can."""
+def unavailable_reason(shaped: bool = False) -> Optional[str]:
+    """Why hosts (with a link rate when ``shaped``) cannot be simulated here, or ``None``."""
     if os.geteuid() != 0:
         return "simulated hosts need root (network namespaces)"
-    for tool in ("ip", "unshare"):
+    for tool in ("ip", "unshare", *(("tc",) if shaped else ())):
         if shutil.which(tool) is None:
             return f"simulated hosts need '{tool}' (iproute2 / util-linux), not found on PATH"
     return None
 
 
 class SimulatedHosts:
-    """``count`` hosts (node1..nodeN at 10.99.0.1..N) joined by one bridge; a context manager."""
+    """``count`` hosts (node1..nodeN at 10.99.0.1..N) joined by one bridge; a context manager.
 
-    def __init__(self, count: int = 2) -> None:
-        if not 2 <= count <= 9:
-            raise ValueError(f"SimulatedHosts count must be in [2, 9]; got {count}")
+    ``link_rate``: ``None`` (unshaped: as fast as the kernel copies) or a tc rate such as
+    ``"100mbit"`` for every host's link, both directions."""
+
+    def __init__(self, count: int = 2, link_rate: Optional[str] = None) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or not 2 <= count <= 9:
+            raise ValueError(f"SimulatedHosts count must be an int in [2, 9]; got {count!r}")
+        if link_rate is not None:
+            parse_rate(link_rate)
         self.count = count
+        self.link_rate: Optional[str] = None
         self.tag = f"hv{os.getpid() % 100000}"
         self.switch = f"{self.tag}sw"
         self.namespaces = [f"{self.tag}n{i}" for i in range(1, count + 1)]
+        #: Per host: (its end of its link, the switch's end), the devices a link rate shapes.
+        self.links = [(f"{self.tag}a{i}", f"{self.tag}b{i}") for i in range(1, count + 1)]
         self.names = [f"node{i}" for i in range(1, count + 1)]
         self.addresses = [f"10.99.0.{i}" for i in range(1, count + 1)]
         self._dir = Path(tempfile.mkdtemp(prefix="hvdagents-hosts-"))
         self.agent = self._dir / "rsh-agent"
         try:
             self._build()
+            if link_rate is not None:
+                self.set_link_rate(link_rate)
         except BaseException:
             self.close()
             raise
@@ -69,8 +104,7 @@ class SimulatedHosts:
         _ip("netns", "add", self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.switch, "link", "set", "br0", "up")
-        for i, (ns, address) in enumerate(zip(self.namespaces, self.addresses), start=1):
-            host_end, switch_end = f"{self.tag}a{i}", f"{self.tag}b{i}"
+        for ns, address, (host_end, switch_end) in zip(self.namespaces, self.addresses, self.links):
             _ip("netns", "add", ns)
             _ip("link", "add", host_end, "type", "veth", "peer", "name", switch_end)
             _ip("link", "set", host_end, "netns", ns)
@@ -89,6 +123,35 @@ class SimulatedHosts:
             'exec ip netns exec "$ns" unshare --uts sh -c "hostname $name; $*"\n'
         )
         self.agent.chmod(0o755)
+
+    def set_link_rate(self, rate: Optional[str]) -> None:
+        """Shape every host's link to ``rate`` in both directions (``None``: unshaped again).
+
+        A token bucket on each end of each link: the host's end limits what the host sends,
+        the switch's end what it receives. The bucket holds 10 ms of traffic (at least 64 KiB,
+        more than one burst of the kernel's timer) so that the mean rate is ``rate``."""
+        bits = None if rate is None else parse_rate(rate)
+        for ns, ends in zip(self.namespaces, self.links):
+            for where, dev in zip((ns, self.switch), ends):
+                tc = ["tc", "-n", where, "qdisc"]
+                if bits is None:
+                    subprocess.run([*tc, "del", "dev", dev, "root"], capture_output=True, timeout=30)
+                    continue
+                burst = max(64 * 1024, bits // 8 // 100)
+                subprocess.run([*tc, "replace", "dev", dev, "root", "tbf", "rate", f"{bits}bit",
+                                "burst", str(burst), "latency", SHAPER_LATENCY],
+                               check=True, capture_output=True, text=True, timeout=30)
+        self.link_rate = rate
+
+    def bytes_sent(self) -> list[int]:
+        """Bytes each host has sent on its link since the hosts were made (its end's transmit
+        counter): what left the host for the others, headers included."""
+        sent = []
+        for ns, (host_end, _) in zip(self.namespaces, self.links):
+            out = subprocess.run(["ip", "-n", ns, "-s", "-j", "link", "show", "dev", host_end],
+                                 check=True, capture_output=True, text=True, timeout=30).stdout
+            sent.append(int(json.loads(out)[0]["stats64"]["tx"]["bytes"]))
+        return sent
 
     @property
     def env(self) -> dict[str, str]:
