@@ -260,6 +260,12 @@ class Agent(ABC):
     def _framework_state(self) -> Any:
         """Host copies of the model's and optimizer's state (what :meth:`_write_payload` stores)."""
 
+    def _gather_framework_state(self) -> Any:
+        """Called by :meth:`save_checkpoint` on every rank: what rank 0 stores, ``None`` on the
+        others. By default rank 0's own :meth:`_framework_state`, without communication; an
+        adapter whose state is spread over the ranks (``ZeRO``) gathers it here, collectively."""
+        return self._framework_state() if self.context.is_root else None
+
     @abstractmethod
     def _restore_framework_state(self, state: Any) -> None:
         """Load what :meth:`_framework_state` returned into the model and optimizer."""
@@ -292,13 +298,18 @@ class Agent(ABC):
         weights_only=True)`` accepts, classes registered with
         ``torch.serialization.add_safe_globals`` included) or NumPy arrays of numbers
         (``KerasAgent``). Another value raises :class:`~hvdagents.checkpoint.CheckpointError`
-        naming its key, and nothing is written."""
+        naming its key, and nothing is written.
+
+        Under :class:`~hvdagents.ZeRO` it is collective: every rank must call it, since the
+        optimizer's state is gathered to rank 0 one parameter at a time (the file is the same
+        whole checkpoint as ``Sync``'s)."""
         self._check_open()
+        framework_state = self._gather_framework_state()
         if not self.context.is_root:
             return
         payload = {
             **self._checkpoint_header(),
-            "framework_state": self._framework_state(),
+            "framework_state": framework_state,
             "strategy_state": self.runner_state.to_dict(),
             "strategy_shared": self._runner.snapshot(),  # the centre, pulled one-sidedly
             "extra": extra,

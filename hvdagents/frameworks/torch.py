@@ -29,8 +29,10 @@ from ..agent import ROOT_RANK, Agent, ParameterSignature, check_same_model
 from ..checkpoint import CheckpointError, check_archive, check_header, framework_of, header, wrong_framework
 from ..collectives import Problem, bcast_array, bcast_tree
 from ..errors import ModelMismatchError, UsageError
-from ..strategies.config import Strategy, Sync
+from ..strategies.config import Strategy, Sync, ZeRO
+from ..strategies.sharded import checkpoint_strategy
 from .torch_grads import GradientAllreducer, names_checksum, wire_tensor
+from .torch_sharded import ShardedOptimizer
 from .torch_staging import PinnedStaging, needs_staging
 
 __all__ = ["TorchAgent"]
@@ -109,7 +111,18 @@ class TorchAgent(Agent):
     all-reduces without contributing, and each of those steps averages over the ranks still
     training. ``close`` returns on every rank once all have closed, and removes every hook
     the agent added to the model and the optimizer.
+
+    :class:`~hvdagents.ZeRO` (sharded ``Sync``, see :mod:`.torch_sharded`): the optimizer's
+    state lives in ranges, 1/N per rank, in an optimizer of the user's class that the
+    agent steps inside every step of the user's (which keeps no state itself). Stage 1
+    keeps ``Sync``'s contract above; stage 2 leaves ``.grad`` ``None`` after backward (the
+    mean of this rank's range is kept apart): clip with :meth:`clip_grad_norm_`. Every
+    rank must make the same number of steps (a rank that closes early is refused on the
+    others), and :meth:`save_checkpoint` is collective.
     """
+
+    #: The ZeRO optimizer's ranges and hooks (made by ZeRO's runner at start).
+    _sharded: ShardedOptimizer | None = None
 
     def __init__(
         self,
@@ -151,7 +164,27 @@ class TorchAgent(Agent):
         first backward after the block averages everything accumulated (``Sync``). Other
         strategies average parameters, not gradients: there it changes nothing. Local."""
         self._check_open()
+        if self._sharded is not None and self._gradients is None:  # ZeRO stage 2
+            return self._sharded.no_sync()
         return self._gradients.no_sync() if self._gradients is not None else nullcontext()
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` of the mean gradient of the optimizer's
+        parameters, between ``backward()`` and the step; returns the total norm. Under
+        ``ZeRO(stage=2)``, where no rank holds the whole gradient, collective: one all-reduce
+        of one number (every rank must call it). Otherwise local, on ``.grad``."""
+        self._check_open()
+        if self._sharded is not None:
+            return self._sharded.clip_grad_norm_(max_norm, norm_type)
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of the optimizer state's tensors this rank holds (under ``ZeRO``, its ranges').
+        Local."""
+        held = self.optimizer.state.values()
+        total = sum(t.numel() * t.element_size() for st in held for t in st.values() if torch.is_tensor(t))
+        return total + (self._sharded.state_bytes() if self._sharded is not None else 0)
 
     # -- ParameterAccess ------------------------------------------------------------------
     @property
@@ -244,6 +277,22 @@ class TorchAgent(Agent):
                     if reduced.data_ptr() != t.data_ptr():
                         t.copy_(reduced)
 
+    def trainable_mask(self) -> np.ndarray:
+        """DiLoCo: True for the elements (in :meth:`get_flat` order) of the parameters trained
+        now, as :meth:`average_parameters` reads them. Local."""
+        wanted = {id(t) for t in self._trainable()}
+        return np.concatenate([np.full(p.numel(), id(p) in wanted) for p in self._params] or [np.zeros(0, bool)])
+
+    def start_sum(self, values: np.ndarray, wire: str, name: str) -> Callable[[], np.ndarray]:
+        """DiLoCo: collective, non-blocking. Starts Horovod's all-reduce (sum) of the host
+        vector ``values`` as a CPU tensor of dtype ``wire`` (every rank the same length and
+        ``name``, in the same order); returns the function that waits for it (Horovod's
+        ``synchronize``) and returns the sum in float64. Ranks that left through
+        :meth:`close` contribute zeros."""
+        tensor = torch.from_numpy(np.array(values, dtype=np.dtype(wire)))  # a copy Horovod may keep
+        handle = self._hvd.allreduce_async(tensor, op=self._hvd.Sum, name=name)
+        return lambda: self._hvd.synchronize(handle).numpy().astype(np.float64)
+
     def average_gradients(self, strategy: Sync) -> GradientAllreducer:
         """Hooks that leave the mean gradient in ``.grad`` when every backward pass ends and
         check every optimizer step (see :mod:`.torch_grads`); closed by the runner."""
@@ -253,6 +302,18 @@ class TorchAgent(Agent):
             nonfinite=strategy.nonfinite, step_number=lambda: self._runner.state.step + 1,
         )
         return self._gradients
+
+    def shard_optimizer(self, strategy: ZeRO) -> ShardedOptimizer:
+        """Collective from then on: ZeRO's ranges of the optimizer and the hooks that reduce,
+        step and gather (see :mod:`.torch_sharded`); stage 1 averages the gradients as ``Sync``
+        does first. Refuses, on every rank alike, an optimizer that cannot be cut into ranges.
+        Closed by the runner."""
+        if strategy.stage == 1:
+            self.average_gradients(Sync())
+        comm = self.context.comm if self.context.mpi_world else None
+        self._sharded = ShardedOptimizer(self._hvd, self.model, self.optimizer, stage=strategy.stage, comm=comm,
+                                         gradients=self._gradients)
+        return self._sharded
 
     def _wait_for_every_rank_to_close(self) -> None:
         """Collective over all ranks (see :meth:`Agent.close`): under ``Sync`` and
@@ -277,22 +338,6 @@ class TorchAgent(Agent):
     def _state_tensors(self) -> list[torch.Tensor]:
         """Parameters the strategy does not share, then buffers. ``Sync``/``LocalSGD``: the
         parameters outside the trainable set now; asynchronous strategies share every
-    def trainable_mask(self) -> np.ndarray:
-        """DiLoCo: True for the elements (in :meth:`get_flat` order) of the parameters trained
-        now, as :meth:`average_parameters` reads them. Local."""
-        wanted = {id(t) for t in self._trainable()}
-        return np.concatenate([np.full(p.numel(), id(p) in wanted) for p in self._params] or [np.zeros(0, bool)])
-
-    def start_sum(self, values: np.ndarray, wire: str, name: str) -> Callable[[], np.ndarray]:
-        """DiLoCo: collective, non-blocking. Starts Horovod's all-reduce (sum) of the host
-        vector ``values`` as a CPU tensor of dtype ``wire`` (every rank the same length and
-        ``name``, in the same order); returns the function that waits for it (Horovod's
-        ``synchronize``) and returns the sum in float64. Ranks that left through
-        :meth:`close` contribute zeros."""
-        tensor = torch.from_numpy(np.array(values, dtype=np.dtype(wire)))  # a copy Horovod may keep
-        handle = self._hvd.allreduce_async(tensor, op=self._hvd.Sum, name=name)
-        return lambda: self._hvd.synchronize(handle).numpy().astype(np.float64)
-
         floating-point parameter."""
         shared = {id(p) for p in (self._trainable() if self._hvd is not None else self._params)}
         rest = [p for p in self.model.parameters() if id(p) not in shared]
@@ -320,10 +365,15 @@ class TorchAgent(Agent):
         optimizer state travels as a tree of tensors (see :mod:`hvdagents.collectives`)."""
         if not self.context.mpi_world:  # horovodrun --gloo: Horovod's own broadcasts
             self._hvd.broadcast_parameters(self.model.state_dict(), root_rank=root)
+            if self._sharded is not None:
+                self._sharded.load_state_dict(root)
+                return
             state = self.optimizer.state_dict() if self.context.rank == root else None
             self.optimizer.load_state_dict(self._broadcast_object(state, name="hvdagents.optimizer", root=root))
             return
         if self.context.size == 1:
+            if self._sharded is not None:
+                self._sharded.load_state_dict(root)
             return
         comm = self.context.comm
         with torch.no_grad():
@@ -334,6 +384,9 @@ class TorchAgent(Agent):
                     host = t.detach().to("cpu").contiguous()
                     bcast_array(comm, _bytes_view(host), root=root)
                     t.copy_(host)
+        if self._sharded is not None:  # ZeRO: the optimizer's state goes out in ranges instead
+            self._sharded.load_state_dict(root)
+            return
         state = bcast_tree(
             comm, self.optimizer.state_dict() if self.context.rank == root else None,
             is_leaf=torch.is_tensor,
@@ -345,6 +398,12 @@ class TorchAgent(Agent):
         if self.context.rank != root:
             self.optimizer.load_state_dict(state)
 
+    def _gather_framework_state(self) -> Any:
+        if self._sharded is None:
+            return super()._gather_framework_state()
+        optimizer = self._sharded.state_dict(ROOT_RANK)  # collective: every rank sends its ranges
+        return {"model": self.model.state_dict(), "optimizer": optimizer} if self.context.is_root else None
+
     def _framework_state(self) -> Any:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
@@ -355,7 +414,7 @@ class TorchAgent(Agent):
     def _checkpoint_header(self) -> dict:
         groups = [len(group["params"]) for group in self.optimizer.param_groups]
         return header("torch", self._signature(), {"class": type(self.optimizer).__name__, "groups": groups},
-                      type(self.strategy).__name__)
+                      checkpoint_strategy(self.strategy))
 
     def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
         """``torch.save`` of plain types and tensors only (the centre as a tensor), so that

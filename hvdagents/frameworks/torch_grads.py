@@ -124,6 +124,7 @@ class GradientAllreducer:
         self._passes_per_step = backward_passes_per_step
         self._check_finite = nonfinite == "raise"
         self._step_number = step_number  # the optimizer step about to be taken (1-based)
+        self.active = float(self._size)  # ranks still training, as the last averaging counted them
         self._sparse = {  # parameters whose gradients are sparse (known before the first one)
             id(m.weight) for m in model.modules()
             if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and m.sparse
@@ -347,7 +348,7 @@ class GradientAllreducer:
         except Exception as err:  # noqa: BLE001 - Horovod reports a shape mismatch here
             self._in_flight.clear()  # some have no peer: waiting for them would hang
             raise self._mismatch(names) from err
-        active = totals[0].item()
+        active = self.active = totals[0].item()
         if totals[-2].item() != active * checksum or totals[-1].item() != active * checksum * checksum:
             self._in_flight.clear()
             raise self._mismatch(names)

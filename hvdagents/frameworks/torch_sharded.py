@@ -1,0 +1,565 @@
+"""ZeRO for ``TorchAgent``: the user's optimizer stepped on this rank's range of the parameters.
+
+**Partition.** Each (param group, dtype, device) of the user's optimizer is a *bucket*: its
+parameters' elements in the group's order, one flat vector cut by
+:func:`~hvdagents.strategies.sharded.shard_ranges` (contiguous, rank order, balanced to
+within one element). The parts of parameters that fall in this rank's range are *pieces*:
+1-D views into one buffer per bucket (this rank's values). An *inner* optimizer of the
+user's class holds the pieces, in param groups aligned with the user's, so its state (and
+so the optimizer memory) is this rank's range only: exactly ``1/N`` of ``Sync``'s, to within
+one element per bucket. Exact for optimizers whose update of an element depends on that
+element alone (:data:`SHARDABLE`); any other class is refused on every rank.
+
+**A step** (whoever steps the user's optimizer: a pre-hook does the work, then hides the
+gradients from the user's own step, which therefore changes nothing and keeps no state; a
+post-hook gives them back):
+
+1. every group's hyper-parameters are copied from the user's groups (schedulers, edits);
+2. this rank's range of the parameters is read into the pieces (parameters re-read);
+3. the pieces' gradients are this rank's range of the mean gradient: stage 1, slices of the
+   all-reduced ``.grad`` (:class:`~.torch_grads.GradientAllreducer`); stage 2, what the
+   reduce-scatter at the end of backward left (``.grad`` is ``None`` from then on);
+4. the inner optimizer steps (``None`` gradients are skipped, as the user's would);
+5. the ranges are all-gathered (in rounds, :func:`~hvdagents.strategies.sharded.rounds`)
+   and written into every parameter that had a gradient; the others keep their bits.
+
+**Checkpoints** hold the user's optimizer's ordinary ``state_dict``: gathered to rank 0 one
+parameter's state tensor at a time (``MPI_Gatherv``), scattered back the same way on load.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import ModelMismatchError, UsageError
+from ..strategies.sharded import rounds, shard_ranges
+from .torch_grads import GradientAllreducer, names_checksum
+
+__all__ = ["SHARDABLE", "ShardedOptimizer"]
+
+#: Optimizer classes whose update of one element reads that element's gradient and state
+#: alone (checked against PyTorch 2.13's code; ``foreach``/``fused`` variants compute the
+#: same): stepping each range apart is stepping the whole. Exact classes, not subclasses.
+SHARDABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax, torch.optim.NAdam,
+             torch.optim.RAdam, torch.optim.Adagrad, torch.optim.RMSprop, torch.optim.Adadelta)
+
+#: Elements (over all ranks) one reduce-scatter or all-gather round moves at most, so a
+#: round's buffer stays small beside the model.
+ROUND_ELEMENTS = 1 << 24
+
+#: State entries of the :data:`SHARDABLE` optimizers that are one value per tensor (the
+#: step count, NAdam's running product); every other tensor entry is element by element.
+_PER_TENSOR_KEYS = frozenset({"step", "mu_product"})
+
+#: Horovod 0.28 cannot reduce these; they travel widened (exactly).
+_WIRE_DTYPES = {torch.bfloat16: torch.float32}
+
+#: Numbers the ZeRO optimizers of this process in order (the same on every rank).
+_numbers = itertools.count()
+
+
+@dataclass
+class _Member:
+    """A parameter of a bucket: where its elements sit in the bucket's flat vector."""
+
+    param: torch.Tensor
+    name: str
+    index: int  # its number in the user's optimizer ``state_dict``
+    offset: int
+    numel: int
+
+
+@dataclass
+class _Piece:
+    """The part of a parameter in this rank's range: ``param.reshape(-1)[start:stop]`` is
+    ``values`` (a view into its bucket's buffer)."""
+
+    member: _Member
+    start: int
+    stop: int
+    values: torch.Tensor
+
+
+@dataclass
+class _Bucket:
+    group: int
+    dtype: torch.dtype
+    device: torch.device
+    members: list[_Member]
+    length: int
+    lo: int = 0
+    hi: int = 0
+    values: torch.Tensor | None = None  # this rank's range of the parameters
+    pieces: list[_Piece] = field(default_factory=list)
+
+
+def refuse_unshardable(optimizer: torch.optim.Optimizer) -> None:
+    """Raise :class:`UsageError` unless ``optimizer`` is an exact :data:`SHARDABLE` class. Local
+    and the same on every rank (the same class everywhere: the constructor checked the model)."""
+    cls = type(optimizer)
+    if cls in SHARDABLE:
+        return
+    names = ", ".join(c.__name__ for c in SHARDABLE)
+    raise UsageError(
+        f"hva.ZeRO cannot shard {cls.__module__}.{cls.__qualname__}: ZeRO steps each rank's range of "
+        "the parameters apart, which equals one whole step only when the update of an element depends on "
+        f"that element alone. Supported (exact classes): {names}. Use hva.Sync() for this optimizer."
+    )
+
+
+class ShardedOptimizer:
+    """This rank's part of the user's optimizer and the hooks that step it (see the module).
+
+    Communication: every optimizer step is collective (all-gather; stage 2 also every
+    averaging backward pass: reduce-scatter and a small all-reduce); :meth:`state_dict` and
+    :meth:`load_state_dict` are collective. Every rank must step, save and load alike.
+    :meth:`close` removes every hook (local)."""
+
+    def __init__(self, hvd: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, stage: int,
+                 comm: Any, gradients: GradientAllreducer | None) -> None:
+        refuse_unshardable(optimizer)
+        self._hvd, self._optimizer, self._comm = hvd, optimizer, comm
+        self._stage, self._gradients = stage, gradients
+        self._rank, self._size = hvd.rank(), hvd.size()
+        self._prefix = f"hvdagents.zero.{next(_numbers)}."
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._buckets: list[_Bucket] = []
+        self._groups: list[tuple[int, ...]] = []  # ids of each user group's parameters, as partitioned
+        self._inner: torch.optim.Optimizer | None = None
+        self._hidden: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._handles: list[Any] = [optimizer.register_step_pre_hook(self._before_step),
+                                    optimizer.register_step_post_hook(self._after_step)]
+        # stage 2: the mean gradient of this rank's range, per bucket, since the last step
+        self._grads: dict[int, torch.Tensor] = {}
+        self._present: set[int] = set()  # ids of parameters some rank had a gradient for
+        self._reduced = False
+        self._in_pass = False
+        self._syncing = True
+        self._hooked: set[int] = set()
+        try:
+            self._layout()
+            self._take_state(self._optimizer.state_dict(), root=None)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- partition ----------------------------------------------------------------------------
+    def _layout(self) -> None:
+        """Partition groups added since the last call (``add_param_group``); refuse a group
+        whose parameters changed. Local, the same on every rank."""
+        groups = [tuple(id(p) for p in g["params"]) for g in self._optimizer.param_groups]
+        if groups[:len(self._groups)] != self._groups:
+            raise UsageError("under hva.ZeRO a param group's parameters cannot change after the agent was made "
+                             "(each rank holds a range of them); add parameters with optimizer.add_param_group")
+        if len(groups) == len(self._groups):
+            return
+        index = sum(len(g) for g in self._groups)
+        for gi in range(len(self._groups), len(groups)):
+            new: dict[tuple[torch.dtype, torch.device], _Bucket] = {}
+            for p in self._optimizer.param_groups[gi]["params"]:
+                name = self._names.get(id(p))
+                if name is None:
+                    raise UsageError("the optimizer holds a parameter that is not in the agent's model "
+                                     f"(shape {tuple(p.shape)}); build the optimizer from model.parameters()")
+                bucket = new.setdefault((p.dtype, p.device), _Bucket(gi, p.dtype, p.device, [], 0))
+                bucket.members.append(_Member(p, name, index, bucket.length, p.numel()))
+                bucket.length += p.numel()
+                index += 1
+            for bucket in new.values():
+                self._partition(bucket)
+                self._buckets.append(bucket)
+            self._add_inner_group(gi)
+        self._groups = groups
+        if self._stage == 2:
+            for bucket in self._buckets:
+                for m in bucket.members:
+                    if id(m.param) not in self._hooked:
+                        self._handles.append(m.param.register_post_accumulate_grad_hook(self._on_gradient))
+                        self._hooked.add(id(m.param))
+
+    def _partition(self, bucket: _Bucket) -> None:
+        bucket.lo, bucket.hi = shard_ranges(bucket.length, self._size)[self._rank]
+        bucket.values = torch.empty(bucket.hi - bucket.lo, dtype=bucket.dtype, device=bucket.device)
+        for m in bucket.members:
+            start, stop = max(bucket.lo, m.offset) - m.offset, min(bucket.hi, m.offset + m.numel) - m.offset
+            if start < stop:
+                at = m.offset + start - bucket.lo
+                bucket.pieces.append(_Piece(m, start, stop, bucket.values[at:at + stop - start]))
+
+    def _add_inner_group(self, gi: int) -> None:
+        settings = {k: v for k, v in self._optimizer.param_groups[gi].items() if k != "params"}
+        pieces = [piece.values for b in self._buckets if b.group == gi for piece in b.pieces]
+        if self._inner is None:
+            cls = type(self._optimizer)
+            accepted = inspect.signature(cls).parameters
+            defaults = {k: v for k, v in self._optimizer.defaults.items() if k in accepted}
+            self._inner = cls([{**settings, "params": pieces}], **defaults)
+        else:
+            self._inner.add_param_group({**settings, "params": pieces})
+
+    def _pieces(self) -> Iterator[_Piece]:
+        for bucket in self._buckets:
+            yield from bucket.pieces
+
+    # -- the step -----------------------------------------------------------------------------
+    def _before_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        if len(args) > 1 and args[1] is not None or kwargs.get("closure") is not None:
+            raise UsageError("optimizer.step(closure) is not supported under hva.ZeRO (the step of each rank's "
+                             "range runs before the closure's backward); call backward, then step()")
+        self._layout()
+        if self._stage == 1:
+            self._check_active(self._gradients.active)
+            present = {id(m.param) for b in self._buckets for m in b.members if m.param.grad is not None}
+            for piece in self._pieces():
+                grad = piece.member.param.grad
+                piece.values.grad = None if grad is None else grad.reshape(-1)[piece.start:piece.stop]
+        else:
+            if not self._reduced:
+                raise UsageError("optimizer.step() would step with gradients that were not averaged over the ranks: "
+                                 "no backward pass ran since the last step. Call loss.backward() before every step.")
+            present = self._present
+            for bucket in self._buckets:
+                grads = self._grads.get(id(bucket))
+                for piece in bucket.pieces:
+                    at = piece.member.offset + piece.start - bucket.lo
+                    piece.values.grad = (grads[at:at + piece.stop - piece.start]
+                                         if grads is not None and id(piece.member.param) in present else None)
+        for gi, group in enumerate(self._optimizer.param_groups):
+            self._inner.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
+        with torch.no_grad():
+            for piece in self._pieces():
+                piece.values.copy_(piece.member.param.detach().reshape(-1)[piece.start:piece.stop])
+            step_kwargs = {k: v for k, v in kwargs.items() if k != "closure"}
+            self._inner.step(**step_kwargs)
+            for piece in self._pieces():
+                piece.values.grad = None
+            self._gather(present)
+        # the user's own step runs next: it finds no gradient, so it changes nothing, keeps no state
+        self._hidden = [(p, p.grad) for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None]
+        for p, _ in self._hidden:
+            p.grad = None
+
+    def _after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
+        for p, grad in self._hidden:
+            p.grad = grad
+        self._hidden = []
+        self._grads, self._present, self._reduced = {}, set(), False
+
+    def _gather(self, present: set[int]) -> None:
+        """Collective: every rank's range of every bucket into the parameters that had a
+        gradient (in rounds of at most :data:`ROUND_ELEMENTS`)."""
+        for b, bucket in enumerate(self._buckets):
+            for j, parts in enumerate(rounds(bucket.length, self._size, ROUND_ELEMENTS)):
+                lo, hi = parts[self._rank]
+                mine = bucket.values[lo - bucket.lo:hi - bucket.lo]
+                wire = mine.view(torch.int16) if mine.dtype == torch.bfloat16 else mine
+                whole = self._hvd.allgather(wire, name=f"{self._prefix}gather.{b}.{j}")
+                if whole.dtype != bucket.dtype:
+                    whole = whole.view(bucket.dtype)
+                at = 0
+                for lo, hi in parts:
+                    self._write(bucket, lo, whole[at:at + hi - lo], present)
+                    at += hi - lo
+
+    @staticmethod
+    def _write(bucket: _Bucket, lo: int, values: torch.Tensor, present: set[int]) -> None:
+        """Copy ``values`` (the bucket's elements from ``lo``) into the parameters they cover
+        that had a gradient this step."""
+        hi = lo + values.numel()
+        for m in bucket.members:
+            a, z = max(lo, m.offset), min(hi, m.offset + m.numel)
+            if a >= z or id(m.param) not in present:
+                continue
+            target = m.param.data.view(-1) if m.param.is_contiguous() else None
+            if target is not None:
+                target[a - m.offset:z - m.offset].copy_(values[a - lo:z - lo])
+            else:  # a strided parameter: rewrite it whole through a contiguous copy
+                flat = m.param.detach().reshape(-1).clone()
+                flat[a - m.offset:z - m.offset].copy_(values[a - lo:z - lo])
+                m.param.data.copy_(flat.view_as(m.param))
+
+    def _check_active(self, active: float) -> None:
+        if active != self._size:
+            raise UsageError(
+                f"{self._size - int(active)} rank(s) closed their agent while this rank still trains: under "
+                "hva.ZeRO each rank steps its own range of the parameters, so every rank must make the same "
+                "number of steps (give every rank the same number of batches, e.g. drop the uneven last one)"
+            )
+
+    # -- stage 2: reduce-scatter at the end of backward ---------------------------------------
+    def no_sync(self) -> Any:
+        """Backward passes inside only accumulate in ``.grad`` locally; the first pass after
+        it reduce-scatters everything accumulated. Local."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def block() -> Iterator[None]:
+            previous, self._syncing = self._syncing, False
+            try:
+                yield
+            finally:
+                self._syncing = previous
+
+        return block()
+
+    def _on_gradient(self, p: torch.Tensor) -> None:
+        if not self._in_pass and self._syncing:
+            self._in_pass = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+
+    def _end_pass(self) -> None:
+        """Collective: the mean of this pass's gradients over the ranks, this rank's range
+        added to what earlier passes since the step left; ``.grad`` becomes ``None``."""
+        self._in_pass = False
+        self._layout()
+        members = [m for b in self._buckets for m in b.members]
+        trainable = [m for m in members if m.param.requires_grad]
+        checksum = float(names_checksum([m.name for m in trainable]))
+        flags = [1.0 if m.param.grad is not None else 0.0 for m in members]
+        presence = torch.tensor([1.0, *flags, checksum, checksum * checksum], dtype=torch.float64)
+        try:
+            totals = self._hvd.allreduce(presence, name=f"{self._prefix}presence", op=self._hvd.Sum)
+        except Exception as err:  # noqa: BLE001 - Horovod reports a shape mismatch here
+            raise self._mismatch(len(trainable)) from err
+        active = totals[0].item()
+        if totals[-2].item() != active * checksum or totals[-1].item() != active * checksum * checksum:
+            raise self._mismatch(len(trainable))
+        self._check_active(active)
+        for m, count in zip(members, totals[1:-2].tolist()):
+            if count > 0:
+                self._present.add(id(m.param))
+        with torch.no_grad():
+            for b, bucket in enumerate(self._buckets):
+                self._reduce_scatter(b, bucket)
+            for m in members:
+                m.param.grad = None
+        self._reduced = True
+
+    def _reduce_scatter(self, b: int, bucket: _Bucket) -> None:
+        wire_dtype = _WIRE_DTYPES.get(bucket.dtype, bucket.dtype)
+        grads = self._grads.get(id(bucket))
+        if grads is None:
+            grads = self._grads[id(bucket)] = torch.zeros(bucket.hi - bucket.lo, dtype=bucket.dtype,
+                                                          device=bucket.device)
+        for j, parts in enumerate(rounds(bucket.length, self._size, ROUND_ELEMENTS)):
+            send = torch.zeros(sum(hi - lo for lo, hi in parts), dtype=wire_dtype, device=bucket.device)
+            at = 0
+            for lo, hi in parts:
+                for m in bucket.members:
+                    a, z = max(lo, m.offset), min(hi, m.offset + m.numel)
+                    if a < z and m.param.grad is not None:
+                        send[at + a - lo:at + z - lo].copy_(m.param.grad.reshape(-1)[a - m.offset:z - m.offset])
+                at += hi - lo
+            mine = self._hvd.reducescatter(send, name=f"{self._prefix}scatter.{b}.{j}", op=self._hvd.Sum)
+            lo, hi = parts[self._rank]
+            if mine.numel() != hi - lo:
+                raise RuntimeError(f"Horovod's reducescatter gave rank {self._rank} {mine.numel()} elements; "
+                                   f"the partition expects {hi - lo}")
+            grads[lo - bucket.lo:hi - bucket.lo].add_(mine.div_(self._size).to(bucket.dtype))
+
+    def _mismatch(self, trained: int) -> ModelMismatchError:
+        return ModelMismatchError(
+            f"the ranks train different sets of parameters (this rank trains {trained}). Every rank must "
+            "freeze and unfreeze the same parameters (requires_grad) and add the same param groups to its "
+            "optimizer, at the same step."
+        )
+
+    # -- clipping -----------------------------------------------------------------------------
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Collective (stage 2): ``torch.nn.utils.clip_grad_norm_`` over the whole mean
+        gradient, which no rank holds: each rank's range's norm, one all-reduce, the same
+        coefficient applied by every rank to its range. Stage 1: torch's own on ``.grad``."""
+        if self._stage == 1:
+            params = [p for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+        norm_type = float(norm_type)
+        grads = [g for g in self._grads.values() if g.numel()]
+        if norm_type == math.inf:
+            local = max((g.abs().max().to(torch.float64) for g in grads), default=torch.zeros((), dtype=torch.float64))
+            total = self._hvd.allreduce(local.reshape(1).cpu(), name=f"{self._prefix}norm", op=self._hvd.Max)[0]
+        else:
+            local = sum((g.to(torch.float64).abs().pow(norm_type).sum() for g in grads),
+                        torch.zeros((), dtype=torch.float64))
+            total = self._hvd.allreduce(local.reshape(1).cpu(), name=f"{self._prefix}norm",
+                                        op=self._hvd.Sum)[0].pow(1.0 / norm_type)
+        coefficient = float(max_norm) / (float(total) + 1e-6)
+        if coefficient < 1.0:
+            for g in grads:
+                g.mul_(coefficient)
+        return total
+
+    # -- state: bytes, checkpoints -------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes of the tensors in this rank's optimizer state. Local."""
+        return sum(t.numel() * t.element_size() for st in self._inner.state.values() for t in st.values()
+                   if torch.is_tensor(t))
+
+    def state_dict(self, root: int = 0) -> dict | None:
+        """Collective: on ``root``, the user's optimizer's ordinary ``state_dict`` with the
+        whole state, gathered one parameter's state tensor at a time; ``None`` elsewhere."""
+        self._layout()
+        layout: dict[int, dict[str, Any]] = {}  # index -> key -> ("range", dtype) | ("value", v)
+        for piece in self._pieces():
+            if piece.start != 0:
+                continue  # described by the rank holding its first element
+            layout[piece.member.index] = _describe(self._inner.state.get(piece.values, {}))
+        described: dict[int, dict[str, Any]] = {}
+        for part in _allgather_object(self._hvd, self._comm, layout):
+            described.update(part)
+        full = self._optimizer.state_dict() if self._rank == root else None
+        state: dict[int, dict[str, Any]] = {}
+        for m, length, mine in self._members():
+            keys = described.get(m.index) or {}
+            entry: dict[str, Any] = {}
+            for key, (kind, value) in keys.items():
+                if kind == "value":
+                    entry[key] = value.clone() if torch.is_tensor(value) else value
+                    continue
+                local = self._inner.state[mine.values][key] if mine is not None else None
+                whole = _gather(self._hvd, self._comm, local, _counts(m, length, self._size), _dtype(value),
+                                root, f"{self._prefix}state.{m.index}.{key}")
+                if whole is not None:
+                    entry[key] = whole.view_as(m.param).to(m.param.device)
+            if entry:
+                state[m.index] = entry
+        if full is None:
+            return None
+        full["state"] = state
+        return full
+
+    def load_state_dict(self, root: int = 0) -> None:
+        """Collective: ``root``'s user optimizer holds a whole state (loaded from a checkpoint);
+        every rank takes its ranges of it, and ``root``'s user optimizer keeps none."""
+        source = self._optimizer.state_dict() if self._rank == root else None
+        self._take_state(source, root=root)
+
+    def _take_state(self, source: dict | None, root: int | None) -> None:
+        """This rank's ranges of ``source`` (a user optimizer's ``state_dict``) into the
+        inner optimizer, then the user's optimizer emptied. ``root=None``: every rank holds
+        ``source`` (local); else collective, ``source`` on ``root`` only."""
+        self._layout()
+        if root is None:
+            layout = {index: _describe(entry) for index, entry in source["state"].items()}
+            groups = source["param_groups"]
+        else:
+            described = ({index: _describe(entry) for index, entry in source["state"].items()},
+                         source["param_groups"]) if self._rank == root else None
+            layout, groups = _bcast_object(self._hvd, self._comm, described, root)
+        for gi, group in enumerate(groups):  # hyper-parameters as saved, on every rank
+            self._optimizer.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
+            self._inner.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
+        self._inner.state.clear()
+        for m, length, mine in self._members():
+            keys = layout.get(m.index) or {}
+            entry: dict[str, Any] = {}
+            for key, (kind, value) in keys.items():
+                if kind == "value":
+                    entry[key] = value.clone() if torch.is_tensor(value) else value
+                    continue
+                whole = None if source is None else source["state"][m.index][key]
+                if root is None:
+                    part = whole.reshape(-1)[mine.start:mine.stop].clone() if mine is not None else None
+                else:
+                    part = _scatter(self._hvd, self._comm, whole, _counts(m, length, self._size), _dtype(value),
+                                    root, f"{self._prefix}load.{m.index}.{key}")
+                if mine is not None:
+                    entry[key] = part.to(device=m.param.device)
+            if mine is not None and entry:
+                self._inner.state[mine.values] = entry
+        self._optimizer.state.clear()  # the whole state lives in the ranks' ranges now
+
+    def _members(self) -> list[tuple[_Member, int, _Piece | None]]:
+        """Every parameter in ``state_dict`` order, its bucket's length and this rank's piece."""
+        mine = {id(p.member): p for p in self._pieces()}
+        found = [(m, b.length, mine.get(id(m))) for b in self._buckets for m in b.members]
+        return sorted(found, key=lambda item: item[0].index)
+
+    def close(self) -> None:
+        """Remove every hook (local); the ranges' optimizer state is dropped with this object."""
+        for p, grad in self._hidden:
+            p.grad = grad
+        self._hidden = []
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        if self._gradients is not None:
+            self._gradients.close()
+
+
+def _describe(entry: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """One parameter's optimizer state as ``key -> ("range", dtype name)`` for the entries
+    held element by element (cut into ranges), ``("value", v)`` for the rest (kept whole)."""
+    return {k: ("range", str(v.dtype)) if torch.is_tensor(v) and k not in _PER_TENSOR_KEYS else ("value", v)
+            for k, v in entry.items()}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.split(".")[-1])  # "torch.float64" -> torch.float64
+
+
+def _counts(member: _Member, length: int, size: int) -> list[int]:
+    """How many of ``member``'s elements each rank's range holds."""
+    return [max(0, min(hi, member.offset + member.numel) - max(lo, member.offset))
+            for lo, hi in shard_ranges(length, size)]
+
+
+# -- transport of one state tensor (MPI when there is an MPI world, else Horovod) -------------------
+def _allgather_object(hvd: Any, comm: Any, obj: Any) -> list[Any]:
+    if comm is not None:
+        from ..collectives import allgather_object
+
+        return allgather_object(comm, obj)
+    return hvd.allgather_object(obj)
+
+
+def _bcast_object(hvd: Any, comm: Any, obj: Any, root: int) -> Any:
+    if comm is not None:
+        from ..collectives import bcast_object
+
+        return bcast_object(comm, obj, root=root)
+    return hvd.broadcast_object(obj, root_rank=root)
+
+
+def _gather(hvd: Any, comm: Any, local: torch.Tensor | None, counts: list[int], dtype: torch.dtype, root: int,
+            name: str) -> torch.Tensor | None:
+    """Collective: the ranks' parts (``counts[r]`` elements from rank r) concatenated on
+    ``root`` (``None`` elsewhere)."""
+    rank = hvd.rank()
+    part = (local if local is not None else torch.zeros(0, dtype=dtype)).detach().to("cpu").contiguous()
+    if comm is None:
+        whole = hvd.allgather(part.view(torch.int16) if dtype == torch.bfloat16 else part, name=name)
+        return whole.view(dtype) if rank == root else None
+    whole = torch.empty(sum(counts), dtype=dtype) if rank == root else None
+    send = part.view(torch.uint8).numpy()
+    size = part.element_size()
+    recv = [whole.view(torch.uint8).numpy(), [c * size for c in counts]] if rank == root else None
+    comm.Gatherv(send, recv, root=root)
+    return whole
+
+
+def _scatter(hvd: Any, comm: Any, whole: torch.Tensor | None, counts: list[int], dtype: torch.dtype, root: int,
+             name: str) -> torch.Tensor:
+    """Collective: rank r receives its ``counts[r]`` elements of ``root``'s ``whole``."""
+    rank = hvd.rank()
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    if comm is None:
+        full = whole.detach().to("cpu").reshape(-1).contiguous() if rank == root else torch.empty(sum(counts),
+                                                                                                  dtype=dtype)
+        wire = full.view(torch.int16) if dtype == torch.bfloat16 else full
+        full = hvd.broadcast(wire, root_rank=root, name=name).view(dtype)
+        return full[offsets[rank]:offsets[rank + 1]].clone()
+    part = torch.empty(counts[rank], dtype=dtype)
+    size = part.element_size()
+    send = None
+    if rank == root:
+        source = whole.detach().to("cpu", dtype).reshape(-1).contiguous()
+        send = [source.view(torch.uint8).numpy(), [c * size for c in counts]]
+    comm.Scatterv(send, part.view(torch.uint8).numpy(), root=root)
+    return part
