@@ -391,6 +391,7 @@ class Agent(ABC):
         """
         if self._closed:
             return
+        self._runner.settle(self)
         self._wait_for_every_rank_to_close()
         if self._runner.uses_horovod and self.context.size > 1:
             self._adopt_state_of_rank_with_most_steps()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Callable, Sequence
 
 import keras
@@ -64,9 +63,6 @@ class KerasAgent(Agent):
     with the right callbacks added (metric averaging first, the strategy's exchange after
     every batch) and progress output on rank 0 only.
     """
-
-    #: DiLoCo's sums run on this thread (made at the first, see :meth:`start_sum`).
-    _sum_thread: ThreadPoolExecutor | None = None
 
     def __init__(self, model: keras.Model, strategy: Strategy | None = None) -> None:
         super().__init__(strategy, "tensorflow", _argument_problem(model))  # raised on every rank
@@ -232,22 +228,13 @@ class KerasAgent(Agent):
         return np.ones(self.num_parameters, dtype=bool)
 
     def start_sum(self, values: np.ndarray, wire: str, name: str) -> Callable[[], np.ndarray]:
-        """DiLoCo: collective, non-blocking. Horovod's TensorFlow all-reduce (sum) of the host
-        vector ``values`` in dtype ``wire`` runs on one worker thread of this agent (in the
-        order started, the same on every rank) while Keras trains on; returns the function
-        that waits for it and returns the sum in float64."""
-        if self._sum_thread is None:
-            self._sum_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hvdagents-diloco")
-        tensor = tf.constant(np.asarray(values, dtype=np.dtype(wire)))
-        done = self._sum_thread.submit(lambda: self._hvd.allreduce(tensor, op=self._hvd.Sum, name=name).numpy())
-        return lambda: done.result().astype(np.float64)
-
-    def close(self) -> None:
-        """Collective: see :meth:`Agent.close`; then DiLoCo's worker thread, if any, ends."""
-        super().close()
-        if self._sum_thread is not None:
-            self._sum_thread.shutdown()
-            self._sum_thread = None
+        """DiLoCo: collective, blocking. Horovod's TensorFlow all-reduce (sum) of the host
+        vector ``values`` in dtype ``wire``, done now (Horovod's TensorFlow ops give no handle
+        to wait on later; run from a second thread it raced the metric averaging at an epoch's
+        end on 2 ranks); returns a function that returns the sum in float64."""
+        total = self._hvd.allreduce(tf.constant(np.asarray(values, dtype=np.dtype(wire))), op=self._hvd.Sum,
+                                    name=name).numpy().astype(np.float64)
+        return lambda: total
 
     # -- checkpoints ------------------------------------------------------------------------
     def _signature(self) -> list[ParameterSignature]:

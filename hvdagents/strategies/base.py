@@ -122,6 +122,11 @@ class Runner(ABC):
         again from the model, as :meth:`reseed`)."""
         self.reseed(params)
 
+    def settle(self, params: ParameterAccess) -> None:
+        """First step of the agent's ``close``, before it waits for the other ranks: finish
+        what this runner has in flight (a collective every rank started at the same step,
+        so the ranks still training complete it too)."""
+
     def finish(self, params: ParameterAccess) -> None:
         """Collective: called once on every rank; leaves one consensus model everywhere."""
 

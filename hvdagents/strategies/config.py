@@ -269,7 +269,10 @@ class DiLoCo(Strategy):
     next τ inner steps compute (τ = 0: blocking, the DiLoCo paper; τ < H/P, so that at most
     one fragment is in flight). When it finishes, the fragment's outer step is applied and the
     fragment of the model is set to the new θ_global: the τ local steps it took meanwhile are
-    dropped for that fragment (the paper's mixing factor α = 0).
+    dropped for that fragment (the paper's mixing factor α = 0). ``KerasAgent`` keeps this
+    schedule but its all-reduce is blocking (Horovod's TensorFlow ops give no handle to finish
+    later), so there the communication does not overlap the inner steps. ``close()`` first
+    finishes a fragment in flight, then sends every fragment trained since its last exchange.
 
     ``wire_dtype``: the pseudo-gradient travels and is summed in "float32" (default),
     "float16" (half the bytes; each rank's Δ is divided by the number of ranks first, as

@@ -186,6 +186,12 @@ class DiLoCoRunner(Runner):
             if self.strategy.overlap == 0:
                 self._finish(params, step)
 
+    def settle(self, params: ParameterAccess) -> None:
+        """The fragment in flight is finished and applied now, before the agent's close waits
+        in Horovod's join (an all-reduce still in flight there never completed)."""
+        if self._pending is not None:
+            self._finish(params, self.state.step)
+
     def finish(self, params: ParameterAccess) -> None:
         """Collective: finish a fragment in flight; make the outer state the same everywhere
         (under uneven data the ranks that stopped early missed outer steps: they take the
