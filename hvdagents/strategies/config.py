@@ -281,8 +281,9 @@ class DiLoCo(Strategy):
     every partial sum to the wire dtype errs the mean pseudo-gradient, element-wise, by at
     most about N·u·max_i |Δ_i| (first order); θ_global moves by ``outer_lr`` times it (times
     1 + momentum with Nesterov) per outer step, and momentum carries it into later steps.
-    float16 also flushes |Δ|/N below 6·10⁻⁸ to zero (subnormal rounding) and overflows above
-    65,504. "bfloat16" is refused: Horovod 0.28 cannot reduce it (torch nor TensorFlow).
+    float16 also has an absolute error of up to 2⁻²⁵ ≈ 3·10⁻⁸ on each |Δ|/N below 6·10⁻⁵
+    (subnormals; below 3·10⁻⁸ it becomes 0), so the bound gains N·2⁻²⁴, and it overflows
+    above 65,504. "bfloat16" is refused: Horovod 0.28 cannot reduce it (torch nor TensorFlow).
 
     The outer state, θ_global and the momentum buffer, is NumPy float64 on the host (16 bytes
     per parameter beside the model), the same bits on every rank (each applies the same update
