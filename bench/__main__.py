@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from . import allreduce, crosshost, cycle_time, longrun, memory, overhead, scaling, store, straggler
+from . import allreduce, crosshost, cycle_time, longrun, lowbandwidth, memory, overhead, scaling, store, straggler
 from ._common import DEFAULT_OUT, JobFailed, md_table, read_json
 
 __all__ = ["BENCHMARKS", "main", "render_results"]
@@ -33,6 +33,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "scaling": scaling,
     "memory": memory,
     "longrun": longrun,
+    "lowbandwidth": lowbandwidth,
 }
 
 TITLES = {
@@ -45,6 +46,7 @@ TITLES = {
     "scaling": "Scaling model (α–β)",
     "memory": "Host memory per rank",
     "longrun": "Long asynchronous runs (200 epochs)",
+    "lowbandwidth": "Weak sync on a slow network (DiLoCo)",
 }
 
 SUMMARY_HEADERS = ["benchmark", "metric", "ours", "baseline", "ours / baseline"]

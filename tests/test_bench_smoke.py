@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: Hard limit for the whole quick run (each MPI job inside has its own, shorter one); a hang
 #: guard, not a speed bar: beside other jobs on this 2-core machine a quick run took over 300 s.
 QUICK_RUN_TIMEOUT = 600
-NAMES = ["overhead", "allreduce", "cycle_time", "crosshost", "store", "straggler", "scaling", "memory", "longrun"]
+NAMES = ["overhead", "allreduce", "cycle_time", "crosshost", "store", "straggler", "scaling", "memory", "longrun",
+         "lowbandwidth"]
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
     "overhead": ["ranks", "target_ratio", "models"],
@@ -29,6 +30,7 @@ REQUIRED = {
     "longrun": ["ranks", "epochs", "runs", "bars"],
     "cycle_time": ["cycle_times_ms", "worlds"],
     "crosshost": ["hosts"],
+    "lowbandwidth": ["hosts", "rates"],
 }
 MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
 SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
@@ -113,6 +115,8 @@ def test_quick_run_writes_well_formed_json(quick_out, name):
         assert all(t > 0 for curves in data["seconds"].values() for ts in curves.values() for t in ts)
     elif name == "memory":  # one job per strategy: peaks, not spreads over repetitions
         assert all(v > 0 for s in data["strategies"] for v in s["peak_mib"].values())
+    elif name == "lowbandwidth":  # curves, checked in test_quick_lowbandwidth_run_...
+        assert "skipped" in data or data["rates"], data
     elif name == "longrun":  # one job per run: accuracy curves
         assert all(0 <= a <= 1 for r in data["runs"] for a in r["accuracy"])
         assert all(0 < r["final"] <= 1 for r in data["runs"])  # the consensus model was scored
@@ -182,6 +186,25 @@ def test_quick_crosshost_run_spans_two_hosts(quick_out):
     store = crosshost["store"]
     assert store["exact"] and all(r["through_relay"] for r in store["runs"])
     assert store["push_gbs"]["median"] > 0 and store["two_sided_gbs"]["median"] > 0
+
+
+def test_quick_lowbandwidth_run_trains_every_configuration_on_a_shaped_link(quick_out):
+    """Every configuration trained across the shaped hosts and was scored; DiLoCo, which
+    all-reduces once per H steps instead of every step, sent fewer bytes across the hosts than
+    Sync (a count, not a time)."""
+    low = json.loads((quick_out / "lowbandwidth.json").read_text())
+    if "skipped" in low:  # not root, or no iproute2/tc: said, not passed over
+        pytest.skip(f"the lowbandwidth benchmark was skipped: {low['skipped']}")
+    (at,) = low["rates"]
+    assert at["rate"] == "100mbit"
+    runs = {r["label"]: r for r in at["runs"]}
+    assert all("failed" not in r for r in runs.values()), [r.get("failed") for r in runs.values()]
+    for r in runs.values():
+        assert [p["step"] for p in r["curve"]] == [6, 12] and r["ranks"] == 4, r
+        assert r["floor"] < r["final_loss"] < 2 * math.log(64), r  # scored, finite, not diverged
+        assert all(p["sent"] > 0 for p in r["curve"]), r
+    sync, diloco = runs["Sync"], runs["DiLoCo H=3"]
+    assert diloco["curve"][-1]["sent"] < 0.6 * sync["curve"][-1]["sent"], (diloco["curve"], sync["curve"])
 
 
 def test_results_markdown_is_a_table_with_every_benchmark(quick_out):
