@@ -127,14 +127,14 @@ class Agent(ABC):
         agent kind that differs between ranks, raises the same error on every rank."""
         self.context: Context = init()
         self.strategy: Strategy = Sync() if strategy is None else strategy
-        if not isinstance(self.strategy, Strategy) and problem is None:
-            problem = (TypeError, "strategy must be one of hva.Sync(), hva.LocalSGD(), hva.Downpour(), hva.EASGD(), "
-                                  f"hva.Gossip(); got {type(self.strategy).__name__}")
-        made = (type(self).__name__, self.strategy if problem is None else None)
+        strategy_problem: Problem = None if isinstance(self.strategy, Strategy) else (
+            TypeError, "strategy must be one of hva.Sync(), hva.LocalSGD(), hva.Downpour(), hva.EASGD(), "
+                       f"hva.Gossip(); got {type(self.strategy).__name__}")
         if self.context.mpi_world and self.context.size > 1:
-            agree(self.context.comm, problem, made, differ=_agent_difference)
-        elif problem is not None:  # alone, or under horovodrun --gloo (no MPI world to agree on first)
-            raise problem[0](problem[1])
+            made = (type(self).__name__, self.strategy if problem is None and strategy_problem is None else None)
+            agree(self.context.comm, problem or strategy_problem, made, differ=_agent_difference)
+        elif strategy_problem is not None:  # alone, or under horovodrun --gloo (no MPI world to agree on first)
+            raise strategy_problem[0](strategy_problem[1])
         self._runner: Runner = make_runner(self.strategy)
         if self._runner.uses_horovod:
             self._hvd = horovod_binding(framework)
@@ -144,6 +144,8 @@ class Agent(ABC):
             mpi_world_comm()  # refuse a launch without an MPI world before communicating at all
             pin_gpu(framework)
             self._hvd = None
+        if problem is not None:  # not agreed on above (alone, or under --gloo): after the launch checks, as before
+            raise problem[0](problem[1])
 
     # -- collectives on Python objects (MPI, of any size; Horovod's without an MPI world) --------
     def _allgather_object(self, obj: Any, name: str) -> list[Any]:
