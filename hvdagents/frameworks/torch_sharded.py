@@ -32,6 +32,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -294,20 +295,15 @@ class ShardedOptimizer:
             )
 
     # -- stage 2: reduce-scatter at the end of backward ---------------------------------------
-    def no_sync(self) -> Any:
+    @contextmanager
+    def no_sync(self) -> Iterator[None]:
         """Backward passes inside only accumulate in ``.grad`` locally; the first pass after
         it reduce-scatters everything accumulated. Local."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def block() -> Iterator[None]:
-            previous, self._syncing = self._syncing, False
-            try:
-                yield
-            finally:
-                self._syncing = previous
-
-        return block()
+        previous, self._syncing = self._syncing, False
+        try:
+            yield
+        finally:
+            self._syncing = previous
 
     def _on_gradient(self, p: torch.Tensor) -> None:
         if not self._in_pass and self._syncing:
