@@ -23,7 +23,7 @@ from .errors import ClosedError, ModelMismatchError
 from .runtime import Context, agent_closed, agent_opened, horovod_binding, init, pin_gpu
 from .strategies.base import Runner, RunnerState
 from .strategies.config import Strategy, Sync
-from .strategies.registry import make_runner
+from .strategies.registry import make_runner, strategy_names
 
 __all__ = ["Agent", "ParameterSignature", "check_same_model"]
 
@@ -128,8 +128,7 @@ class Agent(ABC):
         self.context: Context = init()
         self.strategy: Strategy = Sync() if strategy is None else strategy
         strategy_problem: Problem = None if isinstance(self.strategy, Strategy) else (
-            TypeError, "strategy must be one of hva.Sync(), hva.LocalSGD(), hva.Downpour(), hva.EASGD(), "
-                       f"hva.Gossip(); got {type(self.strategy).__name__}")
+            TypeError, f"strategy must be one of {strategy_names()}; got {type(self.strategy).__name__}")
         if self.context.mpi_world and self.context.size > 1:
             made = (type(self).__name__, self.strategy if problem is None and strategy_problem is None else None)
             agree(self.context.comm, problem or strategy_problem, made, differ=_agent_difference)

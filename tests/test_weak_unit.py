@@ -53,8 +53,10 @@ def test_each_weak_strategy_gets_an_async_runner_with_its_exchange(strategy, exc
 
 
 def test_make_runner_refuses_what_is_not_a_strategy():
-    with pytest.raises(TypeError, match=r"strategy must be an hvdagents strategy .*; got str"):
+    with pytest.raises(TypeError, match=r"strategy must be an hvdagents strategy .*; got str") as raised:
         make_runner("sync")
+    for name in ("Sync", "LocalSGD", "Downpour", "EASGD", "Gossip", "ZeRO", "DiLoCo"):  # every one it takes
+        assert f"hva.{name}()" in str(raised.value)
 
 
 def test_the_staleness_bound_wraps_the_runner_when_set():

@@ -12,7 +12,7 @@ from .sharded import ShardedRunner
 from .staleness import StalenessBound
 from .weak import AsyncRunner
 
-__all__ = ["make_runner", "RUNNERS"]
+__all__ = ["make_runner", "strategy_names", "RUNNERS"]
 
 #: Strategy settings class -> runner factory.
 RUNNERS: dict[type, Callable[[Strategy], Runner]] = {
@@ -26,14 +26,18 @@ RUNNERS: dict[type, Callable[[Strategy], Runner]] = {
 }
 
 
+def strategy_names() -> str:
+    """``hva.Sync(), hva.LocalSGD(), ...``: every strategy an agent takes, for error messages."""
+    return ", ".join(f"hva.{cls.__name__}()" for cls in RUNNERS)
+
+
 def make_runner(strategy: Strategy) -> Runner:
     """The runner for ``strategy``, wrapped in a :class:`StalenessBound` when the settings
     have ``max_staleness``. Local: no communication until the agent calls ``start``."""
     factory = next((f for cls, f in RUNNERS.items() if isinstance(strategy, cls)), None)
     if factory is None:
         raise TypeError(
-            f"strategy must be an hvdagents strategy (hva.Sync(), hva.LocalSGD(), hva.Downpour(), "
-            f"hva.EASGD(), hva.Gossip(), hva.ZeRO(), hva.DiLoCo()); got {type(strategy).__name__}"
+            f"strategy must be an hvdagents strategy ({strategy_names()}); got {type(strategy).__name__}"
         )
     runner = factory(strategy)
     bound = getattr(strategy, "max_staleness", None)
