@@ -12,6 +12,19 @@ from multihost import SimulatedHosts, unavailable_reason  # noqa: E402
 from slurm_cluster import SlurmCluster, SlurmUnavailable, install_slurm  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """What a test, or the library inside it, changes in this process's environment is undone
+    after it (``hva.init()`` in a unit test applies hvdagents' Horovod settings to
+    ``os.environ``): otherwise it leaks into every job later tests start (a cycle time set
+    in-process was once read as the user's by tests/test_horovod_settings.py)."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def two_hosts():
     """Two simulated hosts (network namespaces, TCP only), built once for the session."""
