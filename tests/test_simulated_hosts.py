@@ -100,3 +100,16 @@ def test_a_shaped_link_is_no_faster_than_its_rate_and_its_bytes_are_counted():
         hosts.set_link_rate(None)
         assert not any("tbf" in shown for shown in _qdiscs(hosts))
         assert hosts.link_rate is None
+
+
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+def test_two_sets_of_hosts_in_one_process_share_nothing():
+    # the test session keeps one set for every cross-host test: another must neither collide
+    # with it nor tear it down
+    with SimulatedHosts(2) as first:
+        with SimulatedHosts(2) as second:
+            assert set(first.namespaces + [first.switch]).isdisjoint(second.namespaces + [second.switch])
+            listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+            assert all(ns in listed for ns in first.namespaces + second.namespaces)
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert all(ns in listed for ns in first.namespaces) and not any(ns in listed for ns in second.namespaces)

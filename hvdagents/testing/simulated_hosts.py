@@ -26,6 +26,7 @@ process left in a namespace killed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -39,6 +40,7 @@ from typing import Optional
 __all__ = ["SimulatedHosts", "unavailable_reason", "SUBNET", "parse_rate"]
 
 SUBNET = "10.99.0.0/24"
+_INSTANCES = itertools.count()
 #: tc's rate units, in bit/s.
 RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
 #: Queueing delay the token bucket allows before it drops (tc's ``latency``): TCP backs off
@@ -83,7 +85,9 @@ class SimulatedHosts:
             parse_rate(link_rate)
         self.count = count
         self.link_rate: Optional[str] = None
-        self.tag = f"hv{os.getpid() % 100000}"
+        # unique per instance (two in one process must not share a namespace), and short:
+        # a link's name, tag + "a9", must fit Linux's 15 characters
+        self.tag = f"hv{os.getpid() % 100000}{next(_INSTANCES):x}"
         self.switch = f"{self.tag}sw"
         self.namespaces = [f"{self.tag}n{i}" for i in range(1, count + 1)]
         #: Per host: (its end of its link, the switch's end), the devices a link rate shapes.
