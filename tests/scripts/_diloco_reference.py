@@ -7,6 +7,19 @@ arrives, then every fragment trained since it last went out goes out once more."
 
 import numpy as np
 
+#: Features and rows per batch of the scripts' regression data.
+D, B = 6, 8
+
+
+def regression_batches(ranks, steps=40):
+    """``batch(rank, step)`` -> (x, y): a noisy linear target, the same on every rank and in
+    both frameworks' scripts (seed 0); y of shape (B, 1)."""
+    rng = np.random.default_rng(0)
+    w_true = rng.normal(size=D)
+    xs = rng.normal(size=(steps, ranks, B, D))
+    ys = (xs @ w_true + 0.1 * rng.normal(size=(steps, ranks, B)))[..., None]
+    return lambda rank, step: (xs[step, rank], ys[step, rank])
+
 
 def linear_gradient(theta, x, y):
     """Gradient of mean((x·w + b − y)²) at theta = [w, b] (y of shape (B, 1))."""

@@ -3,7 +3,6 @@ the equivalences with Sync and LocalSGD (float64), the outer Nesterov step and t
 schedule against tests/scripts/_diloco_reference.py, a checkpoint (arrays + JSON) resumed, the
 float16 wire, and digits."""
 
-import hashlib
 import os
 import tempfile
 
@@ -13,21 +12,13 @@ import hvdagents as hva
 
 ctx = hva.init()
 import keras  # noqa: E402
-from _diloco_reference import simulate  # noqa: E402
-from _report import emit  # noqa: E402
+from _diloco_reference import B, D, regression_batches, simulate  # noqa: E402
+from _report import emit, same_on_every_rank  # noqa: E402
 
 keras.config.set_floatx("float64")  # the loss and the optimizer's learning rate too, not only the layers
 comm = ctx.comm
 RANK, SIZE = ctx.rank, ctx.size
-D, B = 6, 8
-rng = np.random.default_rng(0)
-W_TRUE = rng.normal(size=D)
-DATA_X = rng.normal(size=(40, SIZE, B, D))
-DATA_Y = (DATA_X @ W_TRUE + 0.1 * rng.normal(size=(40, SIZE, B)))[..., None]
-
-
-def batch(rank, step):
-    return DATA_X[step, rank], DATA_Y[step, rank]
+batch = regression_batches(SIZE)
 
 
 def report(check, **values):
@@ -36,10 +27,7 @@ def report(check, **values):
 
 
 def identical(*arrays):
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return len(set(comm.allgather(h.hexdigest()))) == 1
+    return same_on_every_rank(comm, *(np.asarray(a) for a in arrays))
 
 
 def flat(model):

@@ -5,29 +5,20 @@ LocalSGD(H), also with frozen layers, buffers and uneven data. References: the o
 step and the streaming schedule against tests/scripts/_diloco_reference.py. Then checkpoints,
 the wire dtype's error, a bfloat16 model and digits."""
 
-import hashlib
 import os
 import tempfile
 
 import numpy as np
 import torch
-from _diloco_reference import simulate
-from _report import emit
+from _diloco_reference import D, regression_batches, simulate
+from _report import emit, same_on_every_rank
 
 import hvdagents as hva
 
 ctx = hva.init()
 comm = ctx.comm
 RANK, SIZE = ctx.rank, ctx.size
-D, B = 6, 8
-rng = np.random.default_rng(0)
-W_TRUE = rng.normal(size=D)
-DATA_X = rng.normal(size=(40, SIZE, B, D))
-DATA_Y = (DATA_X @ W_TRUE + 0.1 * rng.normal(size=(40, SIZE, B)))[..., None]
-
-
-def batch(rank, step):
-    return DATA_X[step, rank], DATA_Y[step, rank]
+batch = regression_batches(SIZE)
 
 
 def report(check, **values):
@@ -35,15 +26,8 @@ def report(check, **values):
         emit({"check": check, **values})
 
 
-def digest(*arrays):
-    h = hashlib.sha256()
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def identical(*arrays):
-    return len(set(comm.allgather(digest(*arrays)))) == 1
+    return same_on_every_rank(comm, *(np.asarray(a) for a in arrays))
 
 
 def flat(model):
