@@ -17,7 +17,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Sequence
 
-from . import allreduce, crosshost, cycle_time, longrun, lowbandwidth, memory, overhead, scaling, store, straggler
+from . import (
+    allreduce,
+    crosshost,
+    cycle_time,
+    longrun,
+    lowbandwidth,
+    memory,
+    overhead,
+    scaling,
+    sharded,
+    store,
+    straggler,
+)
 from ._common import DEFAULT_OUT, JobFailed, md_table, read_json
 
 __all__ = ["BENCHMARKS", "main", "render_results"]
@@ -34,6 +46,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "memory": memory,
     "longrun": longrun,
     "lowbandwidth": lowbandwidth,
+    "sharded": sharded,
 }
 
 TITLES = {
@@ -47,6 +60,7 @@ TITLES = {
     "memory": "Host memory per rank",
     "longrun": "Long asynchronous runs (200 epochs)",
     "lowbandwidth": "Weak sync on a slow network (DiLoCo)",
+    "sharded": "Sharded data parallelism (ZeRO)",
 }
 
 SUMMARY_HEADERS = ["benchmark", "metric", "ours", "baseline", "ours / baseline"]

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: guard, not a speed bar: beside other jobs on this 2-core machine a quick run took over 300 s.
 QUICK_RUN_TIMEOUT = 600
 NAMES = ["overhead", "allreduce", "cycle_time", "crosshost", "store", "straggler", "scaling", "memory", "longrun",
-         "lowbandwidth"]
+         "lowbandwidth", "sharded"]
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
     "overhead": ["ranks", "target_ratio", "models"],
@@ -31,6 +31,7 @@ REQUIRED = {
     "cycle_time": ["cycle_times_ms", "worlds"],
     "crosshost": ["hosts"],
     "lowbandwidth": ["hosts", "rates"],
+    "sharded": ["memory", "speed"],
 }
 MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
 SPREAD_KEYS = ("median", "min", "max", "q1", "q3")
@@ -115,6 +116,8 @@ def test_quick_run_writes_well_formed_json(quick_out, name):
         assert all(t > 0 for curves in data["seconds"].values() for ts in curves.values() for t in ts)
     elif name == "memory":  # one job per strategy: peaks, not spreads over repetitions
         assert all(v > 0 for s in data["strategies"] for v in s["peak_mib"].values())
+    elif name == "sharded":  # one job per variant and world size: counts and peaks
+        assert all(r["added_mib"] > 0 for r in data["memory"]), data["memory"]
     elif name == "lowbandwidth":  # curves, checked in test_quick_lowbandwidth_run_...
         assert "skipped" in data or data["rates"], data
     elif name == "longrun":  # one job per run: accuracy curves
@@ -205,6 +208,24 @@ def test_quick_lowbandwidth_run_trains_every_configuration_on_a_shaped_link(quic
         assert all(p["sent"] > 0 for p in r["curve"]), r
     sync, diloco = runs["Sync"], runs["DiLoCo H=3"]
     assert diloco["curve"][-1]["sent"] < 0.6 * sync["curve"][-1]["sent"], (diloco["curve"], sync["curve"])
+
+
+def test_quick_sharded_run_holds_a_1_over_n_share_of_the_optimizer_state(quick_out):
+    """Counts, not times: under ZeRO (both stages) each of the 2 ranks holds half of Sync's Adam
+    state (to the few bytes of Adam's step counters); ZeroRedundancyOptimizer's ranks (whole
+    parameters each) and ours hold together what Sync holds on one rank; every variant was timed."""
+    sharded = json.loads((quick_out / "sharded.json").read_text())
+    rows = {r["variant"]: r for r in sharded["memory"]}
+    assert set(rows) == {"sync", "zero1", "zero2", "zero_ddp"} and all(r["ranks"] == 2 for r in rows.values())
+    sync = rows["sync"]["state_bytes"]
+    assert sync[0] == sync[1] > 0, sync  # every rank holds the whole state
+    for variant in ("zero1", "zero2", "zero_ddp"):
+        held = rows[variant]["state_bytes"]
+        assert abs(sum(held) - sync[0]) < 0.001 * sync[0], (variant, held, sync)
+        if variant != "zero_ddp":
+            assert abs(max(held) / sync[0] - 0.5) < 0.001, (variant, held, sync)
+    (speed,) = sharded["speed"]
+    assert all(speed["steps_per_s"][v]["median"] > 0 for v in rows)
 
 
 def test_results_markdown_is_a_table_with_every_benchmark(quick_out):

@@ -1,0 +1,129 @@
+"""One rank of the sharded benchmark (``bench/sharded.py``): an MLP trained with Adam under one
+variant, on the same fixed batch per rank:
+
+- ``sync``: ``TorchAgent(strategy=hva.Sync())``, every rank holds the whole Adam state;
+- ``zero1`` / ``zero2``: ``TorchAgent(strategy=hva.ZeRO(stage=1|2))``;
+- ``zero_ddp``: PyTorch's ``ZeroRedundancyOptimizer(Adam)`` with ``DistributedDataParallel``
+  over gloo (its stage 1), as PyTorch's documentation writes it.
+
+``--part memory``: peak resident memory (``ru_maxrss``) at the start (before the model) and
+after construction and training, and the optimizer-state bytes this rank holds. ``--part speed``:
+steps per second after warm-up. Rank 0 prints every rank's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+from _util import emit, mlp_dims
+from mpi4py import MPI  # MPI first, at MPI_THREAD_MULTIPLE, as Horovod needs
+
+import hvdagents as hva
+
+VARIANTS = ("sync", "zero1", "zero2", "zero_ddp")
+LR = 1e-3
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(dims: list[int]) -> torch.nn.Module:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(torch.nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers)
+
+
+def init_gloo(comm: MPI.Comm) -> None:
+    """torch.distributed over gloo at rank 0's ``MASTER_ADDR`` (default 127.0.0.1)."""
+    port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=comm.Get_rank(),
+                            world_size=comm.Get_size())
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if torch.is_tensor(t))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--part", choices=["memory", "speed"], required=True)
+    p.add_argument("--variant", choices=VARIANTS, required=True)
+    p.add_argument("--dims", type=mlp_dims, required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    comm = MPI.COMM_WORLD
+    start = peak_mib()
+    gen = torch.Generator().manual_seed(comm.Get_rank())
+    x = torch.randn(args.batch, args.dims[0], generator=gen)
+    y = torch.randint(0, args.dims[-1], (args.batch,), generator=gen)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    model = build(args.dims)
+    if args.variant == "zero_ddp":
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        init_gloo(comm)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=LR)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+
+        def held() -> int:
+            return state_bytes(optimizer.optim)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+        strategy = hva.Sync() if args.variant == "sync" else hva.ZeRO(stage=int(args.variant[-1]))
+        agent = hva.TorchAgent(model, optimizer, strategy=strategy)
+
+        def step() -> None:
+            optimizer.zero_grad()
+            loss_fn(model(x), y).backward()
+            optimizer.step()
+
+        held = agent.optimizer_state_bytes
+    phases = {"start": start, "construct": peak_mib()}
+    for _ in range(args.warmup):
+        step()
+    comm.Barrier()
+    began = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    seconds = comm.allreduce(time.perf_counter() - began, op=MPI.MAX)
+    phases["train"] = peak_mib()
+    mine = {"phases_mib": phases, "state_bytes": held()}
+    if args.variant == "zero_ddp":
+        dist.destroy_process_group()
+    else:
+        agent.close()
+    everyone = comm.gather(mine, root=0)
+    if comm.Get_rank() == 0:
+        emit({"variant": args.variant, "ranks": comm.Get_size(), "dims": args.dims,
+              "parameters": sum(t.numel() for t in model.parameters()), "steps": args.steps,
+              "steps_per_s": args.steps / seconds, "per_rank": everyone})
+
+
+if __name__ == "__main__":
+    main()
