@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmarks, write ``RESULTS.md`` and the plots, print the table.
 
-    python -m bench                      # everything, full sizes (about 10 minutes on 2 cores)
+    python -m bench                      # everything, full sizes (about 45 minutes on 2 cores)
     python -m bench --quick              # tiny sizes, one repetition (a smoke run)
     python -m bench --only allreduce --only scaling --out /tmp/bench
 
