@@ -105,7 +105,9 @@ class CentreExchange(Exchange):
 
     def seed(self, params: ParameterAccess) -> None:
         self.store.init(self._flat(params) if self.comm.Get_rank() == 0 else None)
-        self._take_centre(params, self.store.pull())
+        centre = self.store.pull()
+        self.comm.Barrier()  # no rank pushes before every rank has read rank 0's start
+        self._take_centre(params, centre)
 
     def _take_centre(self, params: ParameterAccess, centre: np.ndarray) -> None:
         """Set the model to a freshly pulled ``centre``."""
@@ -155,6 +157,7 @@ class DownpourExchange(CentreExchange):
     def seed(self, params: ParameterAccess) -> None:
         self.store.init(self._flat(params) if self.comm.Get_rank() == 0 else None)
         self._pull(params)
+        self.comm.Barrier()  # no rank pushes before every rank has read rank 0's start
 
     def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
         super().restore(params, saved)
