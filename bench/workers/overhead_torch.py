@@ -9,16 +9,13 @@ a port rank 0 picks.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import horovod.torch as hvd
 import torch
 import torch.distributed as dist
 from mpi4py import MPI  # mpi4py initialises MPI at MPI_THREAD_MULTIPLE, as Horovod needs
 
 import hvdagents as hva
-from bench.workers._util import emit, overhead_args, timed
+from bench.workers._util import emit, init_gloo, overhead_args, timed, torch_mlp
 from hvdagents.runtime import horovod_binding
 
 LR = 0.01
@@ -26,42 +23,19 @@ MOMENTUM = 0.9
 SEED = 0
 
 
-def build(dims: list[int]) -> torch.nn.Module:
-    torch.manual_seed(SEED)
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(dims) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
-
-
-def _init_gloo(comm: MPI.Comm) -> None:
-    """torch.distributed over gloo, every MPI rank its rank (collective)."""
-    port = None
-    if comm.Get_rank() == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port, root=0)
-    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=comm.Get_rank(),
-                            world_size=comm.Get_size())
-
-
 def main() -> None:
     args = overhead_args()
     torch.set_num_threads(1)
     comm = MPI.COMM_WORLD
     horovod_binding("torch")  # Horovod started as the agents start it (hvdagents' settings), shared by all loops
-    _init_gloo(comm)
+    init_gloo(comm)
     gen = torch.Generator().manual_seed(SEED + comm.Get_rank())
     x = torch.randn(args.batch, args.dims[0], generator=gen)
     y = torch.randint(0, args.dims[-1], (args.batch,), generator=gen)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     # bare Horovod, as its documentation writes it
-    bare_model = build(args.dims)
+    bare_model = torch_mlp(args.dims, SEED)
     bare_opt = torch.optim.SGD(bare_model.parameters(), lr=LR, momentum=MOMENTUM)
     hvd.broadcast_parameters(bare_model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(bare_opt, root_rank=0)
@@ -73,7 +47,7 @@ def main() -> None:
         bare_opt.step()
 
     # hvdagents
-    our_model = build(args.dims)
+    our_model = torch_mlp(args.dims, SEED)
     our_opt = torch.optim.SGD(our_model.parameters(), lr=LR, momentum=MOMENTUM)
     agent = hva.TorchAgent(our_model, our_opt, strategy=hva.Sync())
 
@@ -83,7 +57,7 @@ def main() -> None:
         agent.step()
 
     # PyTorch DistributedDataParallel over gloo, as its documentation writes it
-    ddp_model = torch.nn.parallel.DistributedDataParallel(build(args.dims))
+    ddp_model = torch.nn.parallel.DistributedDataParallel(torch_mlp(args.dims, SEED))
     ddp_opt = torch.optim.SGD(ddp_model.parameters(), lr=LR, momentum=MOMENTUM)
 
     def ddp_step() -> None:

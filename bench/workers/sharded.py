@@ -14,14 +14,12 @@ steps per second after warm-up. Rank 0 prints every rank's figures.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
-import socket
 import time
 
 import torch
 import torch.distributed as dist
-from _util import emit, mlp_dims
+from _util import emit, init_gloo, mlp_dims, torch_mlp
 from mpi4py import MPI  # MPI first, at MPI_THREAD_MULTIPLE, as Horovod needs
 
 import hvdagents as hva
@@ -32,29 +30,6 @@ LR = 1e-3
 
 def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def build(dims: list[int]) -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(dims) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers)
-
-
-def init_gloo(comm: MPI.Comm) -> None:
-    """torch.distributed over gloo at rank 0's ``MASTER_ADDR`` (default 127.0.0.1)."""
-    port = None
-    if comm.Get_rank() == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-    port = comm.bcast(port, root=0)
-    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
-    dist.init_process_group("gloo", init_method=f"tcp://{address}:{port}", rank=comm.Get_rank(),
-                            world_size=comm.Get_size())
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -78,7 +53,7 @@ def main() -> None:
     x = torch.randn(args.batch, args.dims[0], generator=gen)
     y = torch.randint(0, args.dims[-1], (args.batch,), generator=gen)
     loss_fn = torch.nn.CrossEntropyLoss()
-    model = build(args.dims)
+    model = torch_mlp(args.dims)
     if args.variant == "zero_ddp":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
