@@ -18,7 +18,7 @@ from typing import IO, Any, Sequence
 import numpy as np
 
 from .checkpoint import CheckpointError, write_atomic
-from .collectives import Problem, agree, allgather_object, bcast_object, mean_over_ranks
+from .collectives import Problem, agree, allgather_object_over, bcast_object_over, mean_over_ranks
 from .errors import ClosedError, ModelMismatchError
 from .runtime import Context, agent_closed, agent_opened, horovod_binding, init, pin_gpu
 from .strategies.base import Runner, RunnerState
@@ -149,15 +149,11 @@ class Agent(ABC):
     # -- collectives on Python objects (MPI, of any size; Horovod's without an MPI world) --------
     def _allgather_object(self, obj: Any, name: str) -> list[Any]:
         """Collective: every rank's ``obj``, in rank order."""
-        if self.context.mpi_world:
-            return allgather_object(self.context.comm, obj)
-        return self._hvd.allgather_object(obj, name=name)
+        return allgather_object_over(self.context.comm if self.context.mpi_world else None, self._hvd, obj, name)
 
     def _broadcast_object(self, obj: Any, name: str, root: int = ROOT_RANK) -> Any:
         """Collective: ``root``'s ``obj`` on every rank."""
-        if self.context.mpi_world:
-            return bcast_object(self.context.comm, obj, root=root)
-        return self._hvd.broadcast_object(obj, root_rank=root, name=name)
+        return bcast_object_over(self.context.comm if self.context.mpi_world else None, self._hvd, obj, root, name)
 
     # -- ParameterAccess (implemented by adapters) ------------------------------------------
     @property

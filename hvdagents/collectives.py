@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["PIECE_BYTES", "MEAN_PIECE", "bcast_array", "bcast_object", "allgather_object", "bcast_tree",
+__all__ = ["PIECE_BYTES", "MEAN_PIECE", "bcast_array", "bcast_object", "allgather_object", "allgather_object_over",
+           "bcast_object_over", "bcast_tree",
            "mean_over_ranks", "Problem", "agreement_error", "agree", "first_problem"]
 
 #: Largest single MPI message, in bytes (well below 2**31).
@@ -60,6 +61,22 @@ class _Leaf:
     index: int
     shape: tuple[int, ...]
     dtype: str
+
+
+def allgather_object_over(comm: Any, hvd: Any, obj: Any, name: str | None = None) -> list[Any]:
+    """Collective: every rank's ``obj`` in rank order, over ``comm`` (an MPI world) or, where
+    there is none (``horovodrun --gloo``: ``comm`` is ``None``), Horovod's object all-gather."""
+    if comm is not None:
+        return allgather_object(comm, obj)
+    return hvd.allgather_object(obj, name=name)
+
+
+def bcast_object_over(comm: Any, hvd: Any, obj: Any, root: int = 0, name: str | None = None) -> Any:
+    """Collective: ``root``'s ``obj`` on every rank, over ``comm`` or, where it is ``None``,
+    Horovod's object broadcast."""
+    if comm is not None:
+        return bcast_object(comm, obj, root=root)
+    return hvd.broadcast_object(obj, root_rank=root, name=name)
 
 
 def bcast_tree(comm: Any, tree: Any, *, is_leaf: Callable[[Any], bool],

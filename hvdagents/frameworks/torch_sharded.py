@@ -39,6 +39,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..collectives import allgather_object_over, bcast_object_over
 from ..errors import ModelMismatchError, UsageError
 from ..strategies.sharded import rounds, shard_ranges
 from .torch_grads import GradientAllreducer, names_checksum
@@ -407,7 +408,7 @@ class ShardedOptimizer:
                 continue  # described by the rank holding its first element
             layout[piece.member.index] = _describe(self._inner.state.get(piece.values, {}))
         described: dict[int, dict[str, Any]] = {}
-        for part in _allgather_object(self._hvd, self._comm, layout):
+        for part in allgather_object_over(self._comm, self._hvd, layout):
             described.update(part)
         full = self._optimizer.state_dict() if self._rank == root else None
         state: dict[int, dict[str, Any]] = {}
@@ -447,7 +448,7 @@ class ShardedOptimizer:
         else:
             described = ({index: _describe(entry) for index, entry in source["state"].items()},
                          source["param_groups"]) if self._rank == root else None
-            layout, groups = _bcast_object(self._hvd, self._comm, described, root)
+            layout, groups = bcast_object_over(self._comm, self._hvd, described, root)
         for gi, group in enumerate(groups):  # hyper-parameters as saved, on every rank
             self._optimizer.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
             self._inner.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
@@ -507,22 +508,6 @@ def _counts(member: _Member, length: int, size: int) -> list[int]:
 
 
 # -- transport of one state tensor (MPI when there is an MPI world, else Horovod) -------------------
-def _allgather_object(hvd: Any, comm: Any, obj: Any) -> list[Any]:
-    if comm is not None:
-        from ..collectives import allgather_object
-
-        return allgather_object(comm, obj)
-    return hvd.allgather_object(obj)
-
-
-def _bcast_object(hvd: Any, comm: Any, obj: Any, root: int) -> Any:
-    if comm is not None:
-        from ..collectives import bcast_object
-
-        return bcast_object(comm, obj, root=root)
-    return hvd.broadcast_object(obj, root_rank=root)
-
-
 def _gather(hvd: Any, comm: Any, local: torch.Tensor | None, counts: list[int], dtype: torch.dtype, root: int,
             name: str) -> torch.Tensor | None:
     """Collective: the ranks' parts (``counts[r]`` elements from rank r) concatenated on
