@@ -23,8 +23,7 @@ import torch
 from mpi4py import MPI
 
 import hvdagents as hva
-from bench.workers._util import emit, timed
-from bench.workers.overhead_torch import build
+from bench.workers._util import emit, timed, torch_mlp
 
 DIMS = [64, 256, 256, 10]  # the 85K-parameter MLP of the overhead benchmark
 
@@ -62,7 +61,7 @@ def main() -> None:
                     hvd.allreduce_(small, op=hvd.Sum, name="small")
 
             found[cycle]["latency_s"].append(timed(comm, reduce_loop) / args.ops)
-            model = build(DIMS)
+            model = torch_mlp(DIMS)
             opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                                            named_parameters=model.named_parameters())
 
