@@ -3,7 +3,10 @@ when loaded. Single process: the functions of ``hvdagents.checkpoint`` here, the
 plain processes (a world of one) through ``tests/scripts/checkpoint_faults.py``.
 
 The kill test SIGKILLs the writing process at 10 points spread over ``save_checkpoint`` of a
-270 MB checkpoint, per framework. Only rank 0 ever writes, so one process is the writing rank.
+270 MB checkpoint (5 under Keras), per framework. Only rank 0 ever writes, so one process is the
+writing rank. Each writer is a process of its own, forked by one launch that imported the
+framework once (``checkpoint_faults.py writers``): the next one loads and checks what the
+killed one left, as a restarted job would.
 What a kill cannot show: that the fsync of the directory makes the rename survive a power
 loss (the page cache survives a killed process); the order of the fsyncs is checked instead.
 """
@@ -15,6 +18,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 
@@ -26,7 +30,7 @@ from hvdagents.checkpoint import CheckpointError, check_archive, read_arrays, wr
 from mpirun import SCRIPTS, job_env, run_command
 
 SCRIPT = SCRIPTS / "checkpoint_faults.py"
-KILLS = {"torch": 10, "keras": 5}  # a Keras writer takes ~8 s to start (TensorFlow)
+KILLS = {"torch": 10, "keras": 5}  # a Keras writer takes ~4 s to start (its model, the load)
 
 
 # -- write_atomic ---------------------------------------------------------------------------------
@@ -150,24 +154,63 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(framework,
         "[('epoch', 7), ('nested', {'a': [1, None, True]}), ('note', 'ok'), ('pair', (1, 2.5))]")
 
 
-def _start_writer(framework, directory, saves):
-    return subprocess.Popen([sys.executable, str(SCRIPT), "writer", framework, str(directory), str(saves)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=job_env(),
-                            start_new_session=True)
+class _Writers:
+    """``checkpoint_faults.py writers``: one launch, a fresh writer process per :meth:`start`."""
 
+    def __init__(self, framework, directory, deadline):
+        self.proc = subprocess.Popen([sys.executable, str(SCRIPT), "writers", framework, str(directory)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=job_env(), start_new_session=True)
+        self.pid = None
+        # a hang anywhere (a writer, a read of its output) ends at the deadline: the launch is
+        # killed and every read after it sees the end of its output
+        self.watchdog = threading.Timer(deadline - time.monotonic(), self.kill_all)
+        self.watchdog.start()
 
-def _lines_until(proc, prefix, deadline):
-    """stdout lines up to and including the first starting with ``prefix``."""
-    lines = []
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line.strip())
-        if line.startswith(prefix):
-            return lines
-    os.killpg(proc.pid, signal.SIGKILL)
-    raise AssertionError(f"the writer did not print {prefix!r} in time; it printed: {lines}")
+    def start(self, saves, until, deadline):
+        """Start a writer of ``saves`` saves; its lines up to the first starting with ``until``."""
+        self.proc.stdin.write(f"{saves}\n")
+        self.proc.stdin.flush()
+        lines = self.lines_until(until, deadline)
+        (self.pid,) = [int(line.split()[1]) for line in lines if line.startswith("WRITER ")]
+        return lines
+
+    def kill(self):
+        os.killpg(self.pid, signal.SIGKILL)
+
+    def lines_until(self, prefix, deadline):
+        """stdout lines up to and including the first starting with ``prefix``; an error if the
+        writer ends first, or the deadline passes."""
+        lines = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.strip())
+            if line.startswith(prefix):
+                return lines
+            if line.startswith("EXITED "):
+                break
+        self.close()
+        raise AssertionError(f"the writer did not print {prefix!r} in time; it printed: {lines}")
+
+    def ended(self, deadline):
+        """The rest of the writer's lines, up to its end; with the exit status."""
+        lines = self.lines_until(f"EXITED {self.pid} ", deadline)
+        return lines[:-1], int(lines[-1].split()[2])
+
+    def kill_all(self):
+        """Kill the launch and a writer still running (it has a process group of its own)."""
+        for group in (self.proc.pid, self.pid):
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except (ProcessLookupError, TypeError):  # gone already; no writer started
+                pass
+
+    def close(self):
+        self.watchdog.cancel()
+        self.kill_all()
+        self.proc.wait(30)
 
 
 def _loaded(lines):
@@ -180,9 +223,16 @@ def _loaded(lines):
 @pytest.mark.parametrize("framework", ["torch", "keras"])
 def test_sigkill_at_any_point_of_save_leaves_the_previous_checkpoint_whole(framework, tmp_path):
     deadline = time.monotonic() + 600
-    first = _start_writer(framework, tmp_path, 1)
-    lines = _lines_until(first, "SAVED", deadline)
-    first.wait(60)
+    writers = _Writers(framework, tmp_path, deadline)
+    try:
+        _kill_at_any_point_of_save(writers, framework, tmp_path, deadline)
+    finally:
+        writers.close()
+
+
+def _kill_at_any_point_of_save(writers, framework, tmp_path, deadline):
+    lines = writers.start(1, "SAVED", deadline)
+    assert writers.ended(deadline)[1] == 0
     seconds = float(lines[-1].split()[2])
     size = (tmp_path / "ckpt").stat().st_size
     assert size > 200e6
@@ -193,12 +243,11 @@ def test_sigkill_at_any_point_of_save_leaves_the_previous_checkpoint_whole(frame
     delays = [0.7 * seconds * (i + rng.random()) / kills for i in range(kills)]
     saved, landed_mid_write = 0, 0
     for delay in delays:
-        proc = _start_writer(framework, tmp_path, 1000)
-        lines = _lines_until(proc, "SAVING", deadline)
+        lines = writers.start(1000, "SAVING", deadline)
         time.sleep(delay)
-        os.killpg(proc.pid, signal.SIGKILL)
-        rest = proc.stdout.read()
-        proc.wait(30)
+        writers.kill()
+        rest, status = writers.ended(deadline)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (status, rest)
         r = _loaded(lines)
         # the previous writer's last whole save, or (killed between its rename and its SAVED
         # line) the one after it: the old file or the new one, whole, never a mix
@@ -206,13 +255,12 @@ def test_sigkill_at_any_point_of_save_leaves_the_previous_checkpoint_whole(frame
         saved = r["loaded"]
         assert len(r["leftovers"]) <= 1 and all(checkpoint._temporary_names(tmp_path / "ckpt").fullmatch(n)
                                                 for n in r["leftovers"]), r
-        progress = [line for line in [lines[-1], *rest.splitlines()] if line.startswith("SAV")]
+        progress = [line for line in [lines[-1], *rest] if line.startswith("SAV")]
         finished = [int(line.split()[1]) for line in progress if line.startswith("SAVED")]
         saved = max(finished, default=saved)  # a kill after a whole save: that one stands
         landed_mid_write += progress[-1].startswith("SAVING")
-    last = _start_writer(framework, tmp_path, 1)
-    lines = _lines_until(last, "RESULT {\"done\"", deadline)
-    last.wait(60)
+    lines = writers.start(1, "RESULT {\"done\"", deadline)
+    assert writers.ended(deadline)[1] == 0
     r = _loaded(lines)
     assert r["intact"] and r["loaded"] in (saved, saved + 1), (saved, r)
     assert '"leftovers": []' in lines[-1]  # the next save removed the killed writer's file

@@ -7,7 +7,11 @@ Usage: checkpoint_faults.py MODE FRAMEWORK DIR [ARGS]   (FRAMEWORK: torch | kera
   list temporary files beside it; then save generations on and on (``SAVING g`` before each
   save, ``SAVED g seconds`` after), ``SAVES`` times, to be SIGKILLed by the test at chosen
   points. The state of generation g is fixed: weight i = base_i + g, optimizer array i =
-  base'_i - g (bases from seeded generators), ~400 MB in all.
+  base'_i - g (bases from seeded generators, 2^16 values repeated), ~270 MB in all.
+- ``writers DIR``: the kill test's launch. The framework is imported once; then, for each line
+  ``SAVES`` read from stdin, a fresh child process (forked before any MPI or framework runtime
+  starts, in a process group of its own) prints ``WRITER pid`` and runs ``writer DIR SAVES``;
+  this process prints ``EXITED pid status`` when it ends, however it ends.
 - ``unsafe DIR``: plain process. Files that run code when unpickled (a marker file appears)
   given to ``load_checkpoint``: each must be refused, naming the file, and run nothing; an
   ``extra`` value that could not load safely is refused at save time, naming its key.
@@ -131,10 +135,15 @@ def state_digest(agent) -> str:
 
 
 # -- writer: the kill test's process -------------------------------------------------------------
+#: Random values per base, repeated to its shape: what tells generations apart is the offset g
+#: on every element, and drawing 2^16 values instead of 67M takes every writer a second less.
+BASE_VALUES = 2**16
+
+
 def bases(agent):
     targets = weights(agent) + optimizer_arrays(agent)
-    return [np.random.default_rng(i).standard_normal(tuple(as_array(t).shape), dtype=np.float32)
-            for i, t in enumerate(targets)], targets
+    return [np.resize(np.random.default_rng(i).standard_normal(BASE_VALUES, dtype=np.float32),
+                      tuple(as_array(t).shape)) for i, t in enumerate(targets)], targets
 
 
 def set_generation(agent, base, targets, g):
@@ -177,6 +186,22 @@ def writer(saves: int) -> None:
         print(f"SAVED {generation} {time.monotonic() - started:.3f}", flush=True)
         generation += 1
     result(done=True, leftovers=sorted(n for n in os.listdir(DIR) if n != "ckpt"))
+
+
+def writers() -> None:
+    """One writer process after another, each forked from this one: each is killed or ends
+    on its own like a process started anew, without importing the framework again (a second
+    of PyTorch's start-up, four of TensorFlow's, per kill)."""
+    for line in iter(sys.stdin.readline, ""):
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # the writer: its own process group, so that the test kills it alone
+            os.setpgid(0, 0)
+            print(f"WRITER {os.getpid()}", flush=True)
+            writer(int(line))
+            raise SystemExit(0)  # out of this loop: the interpreter's normal exit (MPI_Finalize)
+        _, status = os.waitpid(pid, 0)
+        print(f"EXITED {pid} {status}", flush=True)
 
 
 # -- unsafe files ---------------------------------------------------------------------------------
@@ -293,6 +318,8 @@ if __name__ == "__main__":
     DIR.mkdir(parents=True, exist_ok=True)
     if MODE == "writer":
         writer(int(sys.argv[4]))
+    elif MODE == "writers":
+        writers()
     elif MODE == "unsafe":
         unsafe()
     elif MODE == "make":
