@@ -48,6 +48,7 @@ __all__ = [
     "TorchAgent",
     "KerasAgent",
     "keras",
+    "elastic",
     "HvdAgentsError",
     "LauncherError",
     "OneSidedUnavailableError",
@@ -64,6 +65,7 @@ _LAZY = {
     "TorchAgent": ("hvdagents.frameworks.torch", "TorchAgent"),
     "KerasAgent": ("hvdagents.frameworks.keras", "KerasAgent"),
     "keras": ("hvdagents.keras", None),
+    "elastic": ("hvdagents.elastic", None),
 }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from .checkpoint import CheckpointError, write_atomic
 from .collectives import Problem, agree, allgather_object_over, bcast_object_over, mean_over_ranks
-from .errors import ClosedError, ModelMismatchError
+from .errors import ClosedError, ModelMismatchError, UsageError
 from .runtime import Context, agent_closed, agent_opened, horovod_binding, init, pin_gpu
 from .strategies.base import Runner, RunnerState
 from .strategies.config import Strategy, Sync
@@ -118,6 +118,10 @@ class Agent(ABC):
 
     _closed = False
     _hvd: ModuleType | None
+    #: Under an elastic launch the constructor does not broadcast rank 0's state: a worker that
+    #: joins later constructs alone. :mod:`hvdagents.elastic`'s ``State.sync`` does, and sets it.
+    _elastic = False
+    _elastic_synced = False
 
     def __init__(self, strategy: Strategy | None, framework: str, problem: Problem = None) -> None:
         """``problem``: what the adapter found wrong with its own arguments on this rank.
@@ -134,6 +138,12 @@ class Agent(ABC):
             agree(self.context.comm, problem or strategy_problem, made, differ=_agent_difference)
         elif strategy_problem is not None:  # alone, or under horovodrun --gloo (no MPI world to agree on first)
             raise strategy_problem[0](strategy_problem[1])
+        from .elastic import elastic_launch, elastic_problem
+
+        self._elastic = elastic_launch(os.environ)  # horovodrun --min-np/--max-np: see hvdagents.elastic
+        refused = elastic_problem(type(self).__name__, self.strategy) if self._elastic else None
+        if refused is not None:  # before the asynchronous strategies' launch check, which names no way out
+            raise refused[0](refused[1])
         self._runner: Runner = make_runner(self.strategy)
         if self._runner.uses_horovod:
             self._hvd = horovod_binding(framework)
@@ -246,6 +256,12 @@ class Agent(ABC):
         agent_opened(self, f"{type(self).__name__}({type(self.strategy).__name__})")
 
     def _after_local_step(self) -> None:
+        if self._elastic and not self._elastic_synced:
+            raise UsageError(
+                "under an elastic launch (horovodrun --min-np/--max-np) the agent starts from rank 0's "
+                "state when training enters hva.elastic.run: train inside it, "
+                "hva.elastic.run(train)(hva.elastic.State(agent, ...)), not before"
+            )
         self._runner.after_step(self)
 
     def _check_open(self) -> None:

@@ -270,6 +270,23 @@ def context() -> Context:
     return _context if _context is not None else init()
 
 
+def refresh_from_horovod(framework: str) -> Context:
+    """Local: take this process's rank, size, local rank and local size from ``framework``'s
+    Horovod binding (restarted by an elastic reset, see :mod:`hvdagents.elastic`: the world
+    grew or shrank) and return the new context, which :func:`context` returns from then on.
+    Only under ``horovodrun --gloo`` (no MPI world, whose size never changes)."""
+    global _context
+    with _lock:
+        hvd = _bindings.get(framework)
+        if _context is None or hvd is None or _context.mpi_world:
+            raise UsageError("refresh_from_horovod: only after an agent started Horovod under horovodrun --gloo")
+        import dataclasses
+
+        _context = dataclasses.replace(_context, rank=hvd.rank(), size=hvd.size(),
+                                       local_rank=hvd.local_rank(), local_size=hvd.local_size())
+        return _context
+
+
 def horovod_binding(framework: str) -> ModuleType:
     """The Horovod binding for ``framework`` (``"torch"`` or ``"tensorflow"``), initialised.
 

@@ -136,8 +136,9 @@ class TorchAgent(Agent):
         self._params = [p for p in model.parameters() if p.is_floating_point()]
         self._dtype = host_dtype(p.dtype for p in self._params)
         self._staging: PinnedStaging | None = None  # made when parameters are on a GPU
-        check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
-        self._broadcast_state()
+        if not self._elastic:  # elastic: at the state's sync, where a joining worker meets the others
+            check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
+            self._broadcast_state()
         self._gradients: GradientAllreducer | None = None  # made by Sync's runner at start
         # The strategy acts after every local step, whoever steps the optimizer.
         self._step_hook = optimizer.register_step_post_hook(lambda *_: self._after_local_step())

@@ -106,6 +106,12 @@ class Runner(ABC):
         """Collective: the model was replaced on every rank; shared state the runner keeps
         beside the model (an RMA store) must start again from it."""
 
+    def rebind(self, params: ParameterAccess) -> None:
+        """Local: Horovod was restarted under this runner (an elastic reset, see
+        :mod:`hvdagents.elastic`: the world grew or shrank). Forget every operation in flight
+        (its handles died with the old Horovod) and remake what is sized by the world; the
+        model and :attr:`state` are set afterwards by the elastic state's ``sync``."""
+
     def snapshot(self) -> Optional[np.ndarray]:
         """One-sided: shared state beside the model that a checkpoint must keep (the centre
         of Downpour/EASGD), or ``None``."""
@@ -149,6 +155,13 @@ class SyncRunner(Runner):
     def after_step(self, params: ParameterAccess) -> None:
         self.state.step += 1
         self.state.last_sync_step = self.state.step
+
+    def rebind(self, params: ParameterAccess) -> None:
+        """Local: a new gradient reducer for the new world (the old one counted the old
+        size and may hold all-reduces of the old Horovod); the old one's hooks are removed."""
+        if self._reducer is not None:
+            self._reducer.close()
+            self._reducer = params.average_gradients(self.strategy)
 
     def finish(self, params: ParameterAccess) -> None:
         if self._reducer is not None:

@@ -148,6 +148,11 @@ class DiLoCoRunner(Runner):
     def snapshot_shape(self, num_parameters: int) -> tuple[int, ...]:
         return (2, num_parameters)
 
+    def rebind(self, params: ParameterAccess) -> None:
+        """Local: a fragment in flight is forgotten (its sums died with the old Horovod; its
+        progress is still in θ_local − θ_global, as after a resume)."""
+        self._pending = None
+
     def snapshot(self) -> Optional[np.ndarray]:
         """Local: θ_global and the momentum, as rows of one float64 array. A fragment in
         flight is not in it: after a resume it is sent again at its next turn (its progress
