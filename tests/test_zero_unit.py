@@ -49,3 +49,32 @@ def test_each_round_splits_as_horovod_splits_its_concatenation(length, size, per
 def test_a_zero_checkpoint_is_a_sync_checkpoint():
     assert checkpoint_strategy(hva.ZeRO(stage=2)) == "Sync" == checkpoint_strategy(Sync())
     assert checkpoint_strategy(hva.LocalSGD()) == "LocalSGD"
+
+
+# -- Keras: which optimizers ZeRO can cut into ranges (hvdagents.frameworks.keras_sharded) --------------
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adamax", "RMSprop", "Adagrad", "Adadelta", "Lion"])
+def test_keras_optimizers_updated_element_by_element_are_accepted(name):
+    keras = pytest.importorskip("keras")
+    from hvdagents.frameworks.keras_sharded import refuse_unshardable
+
+    refuse_unshardable(getattr(keras.optimizers, name)(learning_rate=0.01, global_clipnorm=1.0))  # no error
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda k: k.optimizers.Adafactor(), "cannot shard keras.optimizers.Adafactor: ZeRO applies each rank's range"),
+    (lambda k: k.optimizers.Nadam(), "cannot shard keras.optimizers.Nadam: "),
+    (lambda k: type("MyAdam", (k.optimizers.Adam,), {})(), r"cannot shard .*MyAdam: "),
+    (lambda k: k.optimizers.LossScaleOptimizer(k.optimizers.Adam()),
+     "cannot shard keras.optimizers.LossScaleOptimizer"),
+    (lambda k: k.optimizers.Adam(clipnorm=1.0), "Adam with clipnorm=1.0: it clips each variable's gradient by"),
+    (lambda k: k.optimizers.SGD(use_ema=True), "SGD with use_ema=True: it keeps a moving average"),
+    (lambda k: k.optimizers.AdamW(gradient_accumulation_steps=2), "AdamW with gradient_accumulation_steps=2"),
+])
+def test_keras_optimizers_that_couple_elements_or_keep_whole_copies_are_refused_by_name(build, message):
+    keras = pytest.importorskip("keras")
+    from hvdagents.errors import UsageError
+    from hvdagents.frameworks.keras_sharded import refuse_unshardable
+
+    with pytest.raises(UsageError, match=message) as caught:
+        refuse_unshardable(build(keras))
+    assert "hva.Sync()" in str(caught.value)

@@ -23,7 +23,8 @@ from ..collectives import Problem, bcast_array
 from ..errors import UsageError
 from ..keras.collectives import broadcast_variables
 from ..keras.optimizer import distributed_outermost
-from ..strategies.config import Strategy, Sync
+from ..strategies.config import Strategy, Sync, ZeRO
+from ..strategies.sharded import checkpoint_strategy
 
 __all__ = ["KerasAgent"]
 
@@ -62,7 +63,15 @@ class KerasAgent(Agent):
     XLA off (Horovod ops are not XLA ops). :meth:`fit` is ``model.fit`` on this rank's shard
     with the right callbacks added (metric averaging first, the strategy's exchange after
     every batch) and progress output on rank 0 only.
+
+    :class:`~hvdagents.ZeRO` (sharded ``Sync``, see :mod:`.keras_sharded`): ``model.optimizer``
+    becomes a wrapper whose inner optimizer (the user's class and settings) holds the state of
+    this rank's range only; the user's optimizer is left unbuilt, and :meth:`save_checkpoint`
+    is collective.
     """
+
+    #: ZeRO's wrapper (made by ZeRO's runner at start).
+    _sharded: Any = None
 
     def __init__(self, model: keras.Model, strategy: Strategy | None = None) -> None:
         super().__init__(strategy, "tensorflow", _argument_problem(model))  # raised on every rank
@@ -74,7 +83,7 @@ class KerasAgent(Agent):
         model.jit_compile = False
         if model.train_function is not None:
             model.make_train_function(force=True)
-        if not model.optimizer.built:
+        if not model.optimizer.built and not isinstance(self.strategy, ZeRO):  # ZeRO builds ranges only
             model.optimizer.build(variables)
         self._broadcast_state()
         self._start_strategy()
@@ -84,6 +93,10 @@ class KerasAgent(Agent):
         (Horovod broadcasts for synchronous strategies, MPI in pieces otherwise: no size
         limit)."""
         variables = list(self.model.weights) + list(self.model.optimizer.variables)
+        if self._sharded is not None:  # ZeRO: the optimizer's state goes out in ranges instead
+            broadcast_variables(list(self.model.weights), root_rank=root)
+            self._sharded.load_state(root)
+            return
         if self._hvd is not None:
             broadcast_variables(variables, root_rank=root)
             return
@@ -115,6 +128,27 @@ class KerasAgent(Agent):
         if self.model.train_function is not None:
             self.model.make_train_function(force=True)
         return _KeepWrapper()
+
+    def shard_optimizer(self, strategy: ZeRO) -> Any:
+        """Collective from then on: ``model.optimizer`` becomes ZeRO's wrapper (see
+        :mod:`.keras_sharded`), which reduces, applies this rank's range and all-gathers in
+        every train step. Refuses, on every rank alike, an optimizer that cannot be cut into
+        ranges. Called by ZeRO's runner once the state was broadcast."""
+        from .keras_sharded import ShardedOptimizer
+
+        comm = self.context.comm if self.context.mpi_world else None
+        user = self.model.optimizer
+        sharded = ShardedOptimizer(user, hvd=self._hvd, stage=strategy.stage, comm=comm)
+        sharded.partition(list(self.model.trainable_variables), user)
+        self.model.optimizer = self._sharded = sharded
+        if self.model.train_function is not None:
+            self.model.make_train_function(force=True)
+        return _KeepWrapper()
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of the optimizer variables this rank holds (under ``ZeRO``, its ranges' and
+        the values kept whole). Local."""
+        return int(sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in self.model.optimizer.variables))
 
     # -- training -------------------------------------------------------------------------
     def callbacks(self) -> list[keras.callbacks.Callback]:
@@ -257,15 +291,28 @@ class KerasAgent(Agent):
             "optimizer": [np.asarray(v.numpy()) for v in self.model.optimizer.variables],
         }
 
+    def _gather_framework_state(self) -> Any:
+        if self._sharded is None:
+            return super()._gather_framework_state()
+        optimizer = self._sharded.gather_state(ROOT_RANK)  # collective: every rank sends its ranges
+        return {"weights": [np.asarray(v.numpy()) for v in self.model.weights],
+                "optimizer": optimizer} if self.context.is_root else None
+
     def _restore_framework_state(self, state: Any) -> None:
         for v, value in zip(self.model.weights, state["weights"]):
             v.assign(value)
+        if self._sharded is not None:  # handed out in ranges by _broadcast_state
+            self._sharded.hold(state["optimizer"])
+            return
         for v, value in zip(self.model.optimizer.variables, state["optimizer"]):
             v.assign(value)
 
     def _optimizer_variables(self) -> list[list[Any]]:
         """Path (every ``_N`` taken out: Keras numbers optimizer variables after the layers'
-        automatic names), shape and dtype of each optimizer variable."""
+        automatic names), shape and dtype of each optimizer variable (under ``ZeRO``, of the
+        whole state, as ``Sync`` holds it)."""
+        if self._sharded is not None:
+            return [[_ANY_NUMBER.sub("", path), shape, dtype] for path, shape, dtype in self._sharded.signature()]
         return [[_ANY_NUMBER.sub("", v.path), [int(d) for d in v.shape], str(v.dtype)]
                 for v in self.model.optimizer.variables]
 
@@ -275,7 +322,7 @@ class KerasAgent(Agent):
             user = user.inner_optimizer
         return header("keras", self._signature(),
                       {"class": type(user).__name__, "variables": self._optimizer_variables()},
-                      type(self.strategy).__name__)
+                      checkpoint_strategy(self.strategy))
 
     def _write_payload(self, payload: dict, handle: IO[bytes]) -> None:
         """No pickle: NumPy ``.npy`` arrays and a JSON manifest in a zip archive (format 1 of

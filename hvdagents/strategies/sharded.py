@@ -80,7 +80,7 @@ class ShardedRunner(Runner):
         shard: Any = getattr(params, "shard_optimizer", None)
         if shard is None:
             raise UsageError(
-                f"hva.ZeRO is not available for {type(params).__name__} yet (TorchAgent has it); "
+                f"hva.ZeRO is not available for {type(params).__name__} yet (TorchAgent and KerasAgent have it); "
                 "use hva.Sync() meanwhile"
             )
         self._sharded = shard(self.strategy)

@@ -1,0 +1,96 @@
+"""KerasAgent(ZeRO) on real MPI ranks: equals Sync (float64), refuses what it cannot shard, holds
+1/N of the optimizer state, and its checkpoints go 2 ranks -> 3 ranks -> one plain process.
+Three launches: tests/scripts/keras_zero.py at 2 ranks (saves) and 3 ranks (loads; 59
+parameters make uneven ranges), then tests/scripts/keras_zero_plain.py alone."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpirun import JOB_ENV, SCRIPTS, Checks, run_job
+
+CASES = ["sgd-stage1", "sgd-stage2", "adam-stage1", "adam-stage2", "adamw-stage1", "adamw-stage2",
+         "adamw-stage1-clip", "adamw-stage2-clip", "lion-stage2"]
+PARAMETERS = 59
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("keras_zero")
+    two = Checks(run_job("keras_zero.py", np=2, args=[str(directory), "save"], timeout=240))
+    three = Checks(run_job("keras_zero.py", np=3, args=[str(directory), "load"], timeout=300))
+    plain = subprocess.run([sys.executable, str(SCRIPTS / "keras_zero_plain.py"), str(directory)],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, **JOB_ENV})
+    return {2: two, 3: three, "plain": plain}
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_the_jobs_run_every_check_to_the_end(runs, ranks):
+    runs[ranks].job.check()
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("case", CASES)
+def test_zero_equals_sync_after_training(runs, ranks, case):
+    found = runs[ranks][f"equal:{case}"]
+    assert found["ranks"] == ranks
+    assert found["moved"] > 1e-2  # training changed the parameters
+    assert found["max_abs"] < 1e-9
+    assert found["identical"] is True  # every rank holds the same bits
+    assert found["steps"] == 4  # the inner optimizer's iteration count, read through model.optimizer
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_global_clipnorm_acted_on_the_whole_mean_gradient(runs, ranks, stage):
+    assert runs[ranks][f"clip_acted:stage{stage}"]["difference"] > 1e-3  # and equal to Sync's (above)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("label,named", [("adafactor", "keras.optimizers.Adafactor"),
+                                         ("subclass", "__main__.MyAdam"),
+                                         ("lossscale", "keras.optimizers.LossScaleOptimizer"),
+                                         ("clipnorm", "keras.optimizers.Adam with clipnorm=1.0")])
+def test_optimizers_that_cannot_be_cut_are_refused_on_every_rank(runs, ranks, label, named):
+    outcomes = runs[ranks][f"refused:{label}"]["outcomes"]
+    assert len(outcomes) == ranks
+    for outcome in outcomes:
+        assert outcome.startswith(f"UsageError: hva.ZeRO cannot shard {named}:"), outcome
+        assert "hva.Sync()" in outcome
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_each_rank_holds_exactly_its_range_of_the_optimizer_state(runs, ranks, stage):
+    found = runs[ranks][f"state_bytes:stage{stage}"]
+    moments = 2 * 8  # Adam's two float64 moments per element
+    scalars = found["sync"] - moments * PARAMETERS  # iteration counters and learning rates, kept whole
+    ranges = [PARAMETERS // ranks + (1 if r < PARAMETERS % ranks else 0) for r in range(ranks)]
+    assert found["per_rank"] == [scalars + moments * n for n in ranges]
+    assert found["user_built"] is False  # the user's optimizer never allocated the whole state
+
+
+def test_resume_at_the_same_world_size_is_bitwise(runs):
+    found = runs[2]["resume"]
+    assert found["epoch"] == 3 and found["bitwise"] is True and found["identical"] is True
+
+
+@pytest.mark.parametrize("label", ["zero1", "sync"])
+def test_two_ranks_checkpoint_resumes_on_three_under_zero_and_sync(runs, label):
+    found = runs[3][f"load:{label}"]
+    assert found["epoch"] == 3 and found["identical"] is True
+    assert found["max_abs"] < 1e-9  # the 2-rank straight run's parameters after step 6
+
+
+def test_three_ranks_checkpoint_resumes_in_a_plain_process(runs):
+    plain = runs["plain"]
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    found = next(json.loads(line[len("RESULT "):]) for line in plain.stdout.splitlines()
+                 if line.startswith("RESULT "))
+    assert found["size"] == 1 and found["epoch"] == 6
+    assert found["loaded_bitwise"] is True  # the file holds the parameters the 3 ranks had
+    assert found["steps"] == 9  # Adam's step count went on from the saved 6
+    assert found["max_abs"] < 1e-9  # equal to the 2-rank straight run after step 9
