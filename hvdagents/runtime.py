@@ -36,13 +36,19 @@ __all__ = [
     "agent_opened",
     "agent_closed",
     "EXIT_AGREEMENT_S",
+    "EXIT_AGREEMENT_VARIABLE",
+    "exit_agreement_seconds",
 ]
 
 #: How long a rank that exits with an open agent waits for every other rank to exit too
 #: before it ends the job: ranks that leave together (``PreemptionFlag.exit_for_requeue``, a
 #: script that ends on every rank without ``close()``) exit as they meant to; a rank that
-#: leaves alone would leave the others waiting for it forever.
+#: leaves alone would leave the others waiting for it forever. The default of
+#: :data:`EXIT_AGREEMENT_VARIABLE`.
 EXIT_AGREEMENT_S = 10.0
+
+#: The environment variable that sets that wait, in seconds (read by :func:`init`).
+EXIT_AGREEMENT_VARIABLE = "HVDAGENTS_EXIT_AGREEMENT_S"
 
 #: Polling interval of that wait.
 _EXIT_POLL_S = 0.01
@@ -88,6 +94,7 @@ _lock = threading.Lock()
 _context: Context | None = None
 _bindings: dict[str, ModuleType] = {}
 _exit_comm: Any = None  # a duplicate of COMM_WORLD for the exit agreement only
+_exit_agreement_s = EXIT_AGREEMENT_S  # this process's wait, from the environment at init()
 _open_agents: dict[int, str] = {}  # id(agent) -> what it is, while it is open
 
 
@@ -100,6 +107,26 @@ def _int(env: Mapping[str, str], *names: str) -> int | None:
             except ValueError:
                 continue
     return None
+
+
+def exit_agreement_seconds(env: Mapping[str, str]) -> float:
+    """The exit agreement's wait in seconds: :data:`EXIT_AGREEMENT_VARIABLE` in ``env``, or
+    :data:`EXIT_AGREEMENT_S` when it is unset or empty. Pure; raises ``ValueError`` naming the
+    variable unless it is a finite positive number."""
+    text = env.get(EXIT_AGREEMENT_VARIABLE, "").strip()
+    if not text:
+        return EXIT_AGREEMENT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (0 < seconds < float("inf")):
+        raise ValueError(
+            f"{EXIT_AGREEMENT_VARIABLE} must be a positive number of seconds (how long a rank that "
+            f"exits with an open agent waits for the other ranks to exit too; default "
+            f"{EXIT_AGREEMENT_S:g}); got {text!r}"
+        )
+    return seconds
 
 
 def detect_launcher(env: Mapping[str, str]) -> str:
@@ -196,7 +223,7 @@ def init(*, timeline: str | os.PathLike | None = None, autotune: bool | None = N
     agent while the other ranks do not exit (:func:`agent_opened`). Ranks other than 0 import TensorFlow
     without its start-up notices (:mod:`hvdagents.quiet`); everything else they print is kept.
     """
-    global _context
+    global _context, _exit_agreement_s
     with _lock:
         if timeline is not None or autotune is not None or autotune_log is not None:
             if _bindings:
@@ -209,6 +236,7 @@ def init(*, timeline: str | os.PathLike | None = None, autotune: bool | None = N
             return _context
         env = os.environ
         check_launch(env, None)
+        _exit_agreement_s = exit_agreement_seconds(env)  # a bad value fails here, not at exit
         import mpi4py
 
         mpi4py.rc.thread_level = "multiple"
@@ -376,7 +404,8 @@ def agent_opened(agent: Any, description: str) -> None:
 
     A rank that exits while one of its agents is open (``sys.exit()``, an exception the
     user's code caught, the end of the script without ``close()``) waits up to
-    :data:`EXIT_AGREEMENT_S` for every other rank to exit too, then ends the whole job with
+    :data:`EXIT_AGREEMENT_S` seconds (or :data:`EXIT_AGREEMENT_VARIABLE`'s, read by
+    :func:`init`) for every other rank to exit too, then ends the whole job with
     ``MPI_Abort`` and a message naming the rank and the agent: the other ranks would wait
     for it forever in a collective, in ``close()``, or in ``MPI_Finalize``. The check is
     registered again here so that it runs before the ``atexit`` handlers registered earlier
@@ -393,12 +422,13 @@ def agent_closed(agent: Any) -> None:
 
 def _exit_with_open_agents() -> None:
     """At exit: nothing without an open agent; with one, a non-blocking barrier on every
-    rank that leaves, and ``MPI_Abort`` when it does not complete in :data:`EXIT_AGREEMENT_S`."""
+    rank that leaves, and ``MPI_Abort`` when it does not complete in the exit agreement's wait
+    (:func:`exit_agreement_seconds`, read by :func:`init`)."""
     ctx = _context
     if not _open_agents or ctx is None or _exit_comm is None:
         return
     request = _exit_comm.Ibarrier()
-    deadline = time.monotonic() + EXIT_AGREEMENT_S
+    deadline = time.monotonic() + _exit_agreement_s
     while not request.Test():
         if time.monotonic() >= deadline:
             agents = ", ".join(sorted(set(_open_agents.values())))
@@ -406,7 +436,7 @@ def _exit_with_open_agents() -> None:
                 f"[rank {ctx.rank}] hvdagents: rank {ctx.rank} exited with an open {agents} "
                 "(sys.exit(), an exception caught by the script, or the end of the script "
                 f"without agent.close()) while other ranks did not exit within "
-                f"{EXIT_AGREEMENT_S:g} s: they would wait for it forever. Ending the job "
+                f"{_exit_agreement_s:g} s: they would wait for it forever. Ending the job "
                 "(MPI_Abort). Call agent.close() on every rank before leaving, or use "
                 "'with agent:'.\n"
             )

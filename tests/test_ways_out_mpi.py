@@ -3,16 +3,22 @@
 Rank 1 leaves at step 5 (``tests/scripts/ways_out.py``) while rank 0 trains on and then waits
 in a collective (Horovod's all-reduce, ``close()``, the staleness bound). The time is measured
 from rank 1's own timestamp just before it fails to the end of the job (start-up not
-counted); the bar is the 30 s the README promises, above what is measured here (10 s for
-the ways hvdagents ends, its wait for the other ranks to exit too, 13 s across hosts; 1-3 s
-for those mpirun ends). A hang is caught by the job's hard timeout."""
+counted); the bar is the 30 s the README promises, above what is measured here (the ways
+hvdagents ends take its wait for the other ranks to exit too, 10 s by default, plus 3 s across
+hosts; 1-3 s for those mpirun ends). A hang is caught by the job's hard timeout.
+
+That wait is shortened to :data:`SHORT_AGREEMENT_S` by ``HVDAGENTS_EXIT_AGREEMENT_S`` in every
+case but one (:data:`DEFAULT_AGREEMENT_CASE`, the default's own case): each such case checks
+that the rank waited at least that long and that its message names the wait."""
 
 import re
+import sys
 import time
 
 import pytest
 
-from mpirun import SCRIPTS, run_job
+from hvdagents.runtime import EXIT_AGREEMENT_S, EXIT_AGREEMENT_VARIABLE, exit_agreement_seconds
+from mpirun import SCRIPTS, run_command, run_job
 
 BAR_S = 30  # README: every way out ends the job within 30 s
 TIMEOUT_S = 75  # a hang
@@ -40,6 +46,28 @@ CASES = [
 ]
 
 
+#: The ways out that hvdagents ends with its exit agreement (the others never reach it).
+AGREEMENT_WAYS = ("exit", "caught")
+#: The exit agreement's wait in the cases below (``HVDAGENTS_EXIT_AGREEMENT_S``): the other
+#: rank is still training or waiting in a collective, so any wait ends in the abort.
+SHORT_AGREEMENT_S = 3
+#: The one case that keeps the default wait (:data:`hvdagents.runtime.EXIT_AGREEMENT_S`).
+DEFAULT_AGREEMENT_CASE = ("exit", "sync")
+
+
+def agreement_s(way: str, strategy: str) -> float | None:
+    """The exit agreement's wait in this case (None: the way never reaches it)."""
+    if way not in AGREEMENT_WAYS:
+        return None
+    return EXIT_AGREEMENT_S if (way, strategy) == DEFAULT_AGREEMENT_CASE else SHORT_AGREEMENT_S
+
+
+def agreement_env(way: str, strategy: str) -> dict[str, str]:
+    """``HVDAGENTS_EXIT_AGREEMENT_S`` for the cases with a shortened wait."""
+    wait = agreement_s(way, strategy)
+    return {EXIT_AGREEMENT_VARIABLE: str(wait)} if wait not in (None, EXIT_AGREEMENT_S) else {}
+
+
 def seconds_from_failure_to_end(job) -> float:
     """From the failing rank's own timestamp to now; ``job`` must have just returned."""
     (failed_at,) = re.findall(r"FAILING_AT ([0-9.]+)", job.stdout)
@@ -53,13 +81,17 @@ def check_ended(job, way, strategy):
     assert re.search(MESSAGES[way], job.output), job.output[-3000:]
     assert "DONE rank 0" not in job.stdout  # rank 0 did not get past its collective
     assert seconds < BAR_S, (seconds, job.output[-3000:])
+    wait = agreement_s(way, strategy)
+    if wait is not None:  # the rank waited for the others as long as it was set to, not less
+        assert f"did not exit within {wait:g} s" in job.stderr, job.output[-3000:]
+        assert seconds >= wait, (seconds, wait)
     print(f"WAYOUT {way} {strategy} {seconds:.1f} s")  # the README's table (pytest -s)
     return seconds
 
 
 @pytest.mark.parametrize("way,strategy", CASES)
 def test_a_rank_that_leaves_ends_the_job(way, strategy):
-    job = run_job("ways_out.py", np=2, args=[strategy, way], timeout=TIMEOUT_S)
+    job = run_job("ways_out.py", np=2, args=[strategy, way], timeout=TIMEOUT_S, env=agreement_env(way, strategy))
     check_ended(job, way, strategy)
 
 
@@ -106,7 +138,8 @@ CROSS_HOST = [("exit", "downpour"), ("caught", "sync"), ("os_exit", "easgd"), ("
 
 @pytest.mark.parametrize("way,strategy", CROSS_HOST)
 def test_a_rank_that_leaves_ends_a_job_across_hosts(two_hosts, way, strategy):
-    job = two_hosts.run(two_hosts.mpirun(SCRIPTS / "ways_out.py", 1, [strategy, way]), timeout=TIMEOUT_S)
+    job = two_hosts.run(two_hosts.mpirun(SCRIPTS / "ways_out.py", 1, [strategy, way]), timeout=TIMEOUT_S,
+                        env=agreement_env(way, strategy))
     check_ended(job, way, strategy)
 
 
@@ -114,3 +147,21 @@ def test_uneven_shards_with_max_staleness_across_hosts(two_hosts):
     job = two_hosts.run(two_hosts.mpirun(SCRIPTS / "ways_out.py", 1, ["staleness", "uneven"]),
                         timeout=TIMEOUT_S).check()
     assert "DONE rank 0" in job.stdout and "DONE rank 1" in job.stdout
+
+
+
+def test_the_exit_agreement_setting_takes_positive_seconds_and_refuses_the_rest_naming_it():
+    assert exit_agreement_seconds({}) == exit_agreement_seconds({EXIT_AGREEMENT_VARIABLE: ""}) == EXIT_AGREEMENT_S
+    assert exit_agreement_seconds({EXIT_AGREEMENT_VARIABLE: "2.5"}) == 2.5
+    for value in ["0", "-1", "soon", "nan", "inf"]:
+        with pytest.raises(ValueError, match=rf"^{EXIT_AGREEMENT_VARIABLE} must be a positive number of "
+                                             rf"seconds .*; got '{value}'$"):
+            exit_agreement_seconds({EXIT_AGREEMENT_VARIABLE: value})
+
+
+def test_init_refuses_a_bad_exit_agreement_setting_before_mpi_starts():
+    # one plain process (a world of one)
+    job = run_command([sys.executable, "-c", "import hvdagents as hva; hva.init(); print('STARTED')"],
+                      timeout=TIMEOUT_S, env={EXIT_AGREEMENT_VARIABLE: "soon"})
+    assert job.returncode != 0 and "STARTED" not in job.stdout, job.output[-3000:]
+    assert f"ValueError: {EXIT_AGREEMENT_VARIABLE} must be a positive number" in job.stderr, job.stderr[-3000:]
