@@ -18,7 +18,10 @@
 #   - the import: hvdagents.keras instead of horovod.tensorflow.keras (broken under Keras 3);
 #   - the data: scikit-learn's bundled digits (8x8, values 0..16) instead of downloading MNIST;
 #   - Keras 3: compile() takes no experimental_run_tf_function; ModelCheckpoint writes .keras;
-#   - horovod.run (Horovod's own launcher API) is not part of the drop-in: run under mpirun.
+#   - horovod.run (Horovod's own launcher API) is not part of the drop-in: run under mpirun;
+#   - --epochs (default Horovod's 24), so that the tests can run a shorter fit.
+
+import argparse  # hvdagents: for --epochs
 
 import tensorflow as tf
 from sklearn.datasets import load_digits  # hvdagents: bundled data, nothing downloaded
@@ -27,6 +30,10 @@ import hvdagents.keras as hvd  # hvdagents: was `import horovod.tensorflow.keras
 
 
 def main():
+    parser = argparse.ArgumentParser()  # hvdagents: --epochs, Horovod's 24 by default
+    parser.add_argument('--epochs', type=int, default=24, help='epochs to train (default: 24)')
+    args = parser.parse_args()
+
     # Horovod: initialize Horovod.
     hvd.init()
 
@@ -98,7 +105,9 @@ def main():
 
     # Train the model.
     # Horovod: adjust number of steps based on number of GPUs.
-    mnist_model.fit(dataset, steps_per_epoch=500 // hvd.size(), callbacks=callbacks, epochs=24, verbose=verbose)
+    # hvdagents: epochs=args.epochs (was 24)
+    mnist_model.fit(dataset, steps_per_epoch=500 // hvd.size(), callbacks=callbacks, epochs=args.epochs,
+                    verbose=verbose)
 
 
 if __name__ == '__main__':
