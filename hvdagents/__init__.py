@@ -27,7 +27,7 @@ from .errors import (
     UsageError,
 )
 from .runtime import Context, context, init
-from .strategies.config import EASGD, DiLoCo, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
+from .strategies.config import EASGD, AsyncDiLoCo, DiLoCo, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
 
 __version__ = "0.1.0"
 
@@ -44,6 +44,7 @@ __all__ = [
     "Gossip",
     "ZeRO",
     "DiLoCo",
+    "AsyncDiLoCo",
     "ParameterWindow",
     "TorchAgent",
     "KerasAgent",

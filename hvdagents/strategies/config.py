@@ -322,3 +322,49 @@ class DiLoCo(Strategy):
 
 
 __all__ += ["DiLoCo"]
+
+
+# -- asynchronous DiLoCo: DiLoCo's outer step on a centre in the store -----------------------------
+@dataclass(frozen=True)
+class AsyncDiLoCo(Strategy):
+    """Asynchronous DiLoCo: :class:`DiLoCo`'s outer step applied to a centre in the sharded
+    store (:mod:`~hvdagents.strategies.async_diloco`), with no waiting for the other agents.
+
+    Every ``inner_steps`` (H) local steps of the user's optimizer an agent computes its
+    pseudo-gradient Δ = θ_pulled − θ_local (θ_pulled: the centre it pulled last), steps its own
+    outer momentum buffer (``outer_momentum``, Nesterov when ``nesterov``: PyTorch's SGD rule,
+    float64), pushes ``−outer_lr``·(Δ + μ·b)/N into the centre (one-sided ``MPI_Accumulate``:
+    concurrent pushes are never lost) and continues from the centre it pulls. When the N agents
+    push once each from the same centre, the centre moves exactly as under :class:`DiLoCo`;
+    otherwise each push counts for 1/N of an outer step, and a slow agent's push comes late
+    (it is computed from an older centre), as Downpour's. ``max_staleness``: as for Downpour.
+    The centre has the model's dtype (float32 or float64); the buffers are float64.
+
+    Communication per outer step and agent: one push and one pull of the model (one-sided),
+    nothing collective. ``close()`` pushes the last pseudo-gradient (when the model moved since
+    the last pull) and leaves the centre on every rank. Checkpoints hold the centre and every
+    agent's buffer and resume with the same number of ranks.
+    """
+
+    synchronous = False
+    inner_steps: int = 500
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    max_staleness: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        _check_int("AsyncDiLoCo", "inner_steps", self.inner_steps, 1)
+        _check_real("AsyncDiLoCo", "outer_lr", self.outer_lr, lambda v: 0.0 < v <= 10.0, "(0, 10]")
+        _check_real("AsyncDiLoCo", "outer_momentum", self.outer_momentum, lambda v: 0.0 <= v < 1.0, "[0, 1)")
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"AsyncDiLoCo.nesterov must be a bool; got {self.nesterov!r}")
+        _check_staleness("AsyncDiLoCo", self.max_staleness)
+
+    @property
+    def period(self) -> int:
+        """Local steps between two exchanges (the asynchronous runner's name for H)."""
+        return self.inner_steps
+
+
+__all__ += ["AsyncDiLoCo"]

@@ -86,6 +86,10 @@ class Exchange(ABC):
         """One-sided: shared state a checkpoint must keep beside the model (``None``: none)."""
         return None
 
+    def snapshot_shape(self, num_parameters: int) -> tuple[int, ...]:
+        """The shape of :meth:`snapshot` (a loaded checkpoint's is checked against it). Pure."""
+        return (num_parameters,)
+
     def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
         """Collective: resume from a checkpoint; ``saved`` is rank 0's :meth:`snapshot` (read
         on rank 0 only). Without one, start again from the model (:meth:`seed`)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .async_diloco import AsyncDiLoCoExchange
 from .base import LocalSGDRunner, Runner, SyncRunner
-from .config import EASGD, DiLoCo, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
+from .config import EASGD, AsyncDiLoCo, DiLoCo, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
 from .diloco import DiLoCoRunner
 from .exchanges import DownpourExchange, EASGDExchange, GossipExchange
 from .sharded import ShardedRunner
@@ -23,6 +24,7 @@ RUNNERS: dict[type, Callable[[Strategy], Runner]] = {
     Gossip: lambda s: AsyncRunner(s, GossipExchange),
     ZeRO: ShardedRunner,
     DiLoCo: DiLoCoRunner,
+    AsyncDiLoCo: lambda s: AsyncRunner(s, AsyncDiLoCoExchange),
 }
 
 

@@ -95,6 +95,9 @@ class StalenessBound(Runner):
     def snapshot(self) -> Optional[np.ndarray]:
         return self.inner.snapshot()
 
+    def snapshot_shape(self, num_parameters: int) -> tuple[int, ...]:
+        return self.inner.snapshot_shape(num_parameters)
+
     def finish(self, params: ParameterAccess) -> None:
         """Retire this agent's clock (agents still training are not held back), then
         ``inner``'s collective finish, then free the clocks."""

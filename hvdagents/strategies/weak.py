@@ -1,4 +1,4 @@
-"""The runner of the weak (asynchronous) strategies: Downpour, EASGD, Gossip.
+"""The runner of the weak (asynchronous) strategies: Downpour, EASGD, Gossip, AsyncDiLoCo.
 
 Agents never wait for each other during training: every ``period`` local steps each one
 runs its strategy's :class:`~.exchanges.Exchange` (one-sided window operations), at its own
@@ -116,6 +116,11 @@ class AsyncRunner(Runner):
     def snapshot(self) -> Optional[np.ndarray]:
         """One-sided: the shared state to save beside the model (the centre), or ``None``."""
         return self.exchange.snapshot() if self._phase == _RUNNING else None
+
+    def snapshot_shape(self, num_parameters: int) -> tuple[int, ...]:
+        if self.exchange is None:
+            return super().snapshot_shape(num_parameters)
+        return self.exchange.snapshot_shape(num_parameters)
 
     def finish(self, params: ParameterAccess) -> None:
         """Collective: leave one consensus model on every rank and free the windows.
