@@ -19,9 +19,11 @@ __all__ = ["NAME", "run", "summary_rows", "markdown"]
 NAME = "memory"
 STRATEGIES = ["sync", "localsgd", "downpour", "easgd", "gossip"]
 PHASES = ["start", "baseline", "construct", "train", "checkpoint", "close"]
-FULL = {"n": 100_000_000, "ranks": 2}
-#: 122 MiB models: what a strategy holds stands above the fixed costs (Horovod, the allocator)
-QUICK = {"n": 32_000_000, "ranks": 2}
+#: ``steps``: with and without the agent; the strategies below exchange every 2 steps
+FULL = {"n": 100_000_000, "ranks": 2, "steps": 4}
+#: 122 MiB models: what a strategy holds stands above the fixed costs (Horovod, the allocator);
+#: one exchange
+QUICK = {"n": 32_000_000, "ranks": 2, "steps": 2}
 TIMEOUT_S = {False: 600, True: 120}
 
 
@@ -30,8 +32,8 @@ def run(out: Path, quick: bool) -> dict[str, Any]:
     settings = QUICK if quick else FULL
     rows = []
     for strategy in STRATEGIES:
-        job = run_mpi("memory", settings["ranks"], ["--strategy", strategy, "--n", str(settings["n"])],
-                      timeout=TIMEOUT_S[quick])
+        job = run_mpi("memory", settings["ranks"], ["--strategy", strategy, "--n", str(settings["n"]),
+                                                    "--steps", str(settings["steps"])], timeout=TIMEOUT_S[quick])
         result = job.results[0]
         worst = {phase: max(rank[phase] for rank in result["phases_mib"]) for phase in PHASES}
         rows.append({
