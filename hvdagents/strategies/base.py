@@ -24,6 +24,7 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 from .config import LocalSGD, Strategy, Sync
+from .hierarchy import HierarchicalSum, average_parameters, node_hierarchy
 
 __all__ = ["GradientReducer", "ParameterAccess", "RunnerState", "Runner", "SyncRunner", "LocalSGDRunner"]
 
@@ -171,17 +172,41 @@ class SyncRunner(Runner):
 
 class LocalSGDRunner(Runner):
     """Local steps; every ``period`` steps a collective parameter average (all ranks must
-    make the same number of steps). ``finish`` averages once more."""
+    make the same number of steps). ``finish`` averages once more.
+
+    With ``node_period`` the ranks of each node also average among themselves at the other
+    multiples of it; with ``hierarchical`` the averages over all ranks go through the node
+    leaders (:mod:`.hierarchy`). Both build the node's communicators at :meth:`start`."""
 
     strategy: LocalSGD
 
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__(strategy)
+        self._summer: Any = None  # a hierarchy.HierarchicalSum when the settings need one
+
+    def start(self, params: ParameterAccess) -> None:
+        if self.strategy.hierarchical or self.strategy.node_period is not None:
+            self._summer = HierarchicalSum(params.start_sum, node_hierarchy(params))  # type: ignore[attr-defined]
+
+    def _average(self, params: ParameterAccess, node_only: bool = False) -> None:
+        if node_only or self.strategy.hierarchical:
+            average_parameters(params, self._summer, node_only=node_only)
+        else:
+            params.average_parameters()
+
     def after_step(self, params: ParameterAccess) -> None:
         self.state.step += 1
-        if self.state.step - self.state.last_sync_step >= self.strategy.period:
-            params.average_parameters()
+        since = self.state.step - self.state.last_sync_step
+        if since >= self.strategy.period:
+            self._average(params)
             self.state.last_sync_step = self.state.step
+        elif self.strategy.node_period is not None and since % self.strategy.node_period == 0:
+            self._average(params, node_only=True)
 
     def finish(self, params: ParameterAccess) -> None:
         if self.state.last_sync_step != self.state.step:
-            params.average_parameters()
+            self._average(params)
             self.state.last_sync_step = self.state.step
+        if self._summer is not None:
+            self._summer.hierarchy.close()
+            self._summer = None

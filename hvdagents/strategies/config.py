@@ -71,14 +71,39 @@ class Sync(Strategy):
         _check_int("Sync", "backward_passes_per_step", self.backward_passes_per_step, 1)
 
 
+def _check_bool(owner: str, field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}.{field} must be a bool; got {type(value).__name__} {value!r}")
+
+
 @dataclass(frozen=True)
 class LocalSGD(Strategy):
-    """Local steps, with parameters averaged over all ranks every ``period`` steps."""
+    """Local steps, with parameters averaged over all ranks every ``period`` steps.
+
+    ``node_period`` (k1, PyTorch's ``HierarchicalModelAverager`` with two levels): the ranks
+    of each node (the processes that share memory) also average among themselves every k1
+    steps, and all ranks every ``period`` (k2) steps; k2 must be a multiple of k1. ``None``
+    (the default): no node-level average. ``hierarchical``: every average over all ranks is
+    summed inside each node first, then by one leader per node across the nodes, then
+    broadcast inside the node (:mod:`~.hierarchy`), so one rank per node, not every rank,
+    sends across the network. Both need an MPI world (not ``horovodrun --gloo``).
+    """
 
     period: int = 8
+    node_period: Optional[int] = None
+    hierarchical: bool = False
 
     def __post_init__(self) -> None:
         _check_int("LocalSGD", "period", self.period, 1)
+        if self.node_period is not None:
+            _check_int("LocalSGD", "node_period", self.node_period, 1)
+            if self.period % self.node_period:
+                raise ValueError(
+                    f"LocalSGD.period must be a multiple of LocalSGD.node_period ({self.node_period}), so that "
+                    f"every average over all ranks falls on a node-level step (as PyTorch's "
+                    f"HierarchicalModelAverager requires); got period={self.period}"
+                )
+        _check_bool("LocalSGD", "hierarchical", self.hierarchical)
 
 
 @dataclass(frozen=True)
@@ -285,6 +310,12 @@ class DiLoCo(Strategy):
     (subnormals; below 3·10⁻⁸ it becomes 0), so the bound gains N·2⁻²⁴, and it overflows
     above 65,504. "bfloat16" is refused: Horovod 0.28 cannot reduce it (torch nor TensorFlow).
 
+    ``hierarchical``: every sum (the pseudo-gradient's and the control numbers') is reduced
+    inside each node, all-reduced by one leader per node across the nodes, and broadcast
+    inside the node (:mod:`~.hierarchy`): one rank per node sends across the network instead
+    of every rank. Those sums are blocking (the schedule and ``overlap`` stay, the
+    communication does not overlap the inner steps), and need an MPI world.
+
     The outer state, θ_global and the momentum buffer, is NumPy float64 on the host (16 bytes
     per parameter beside the model), the same bits on every rank (each applies the same update
     to the same all-reduced sum), saved in checkpoints and restored on resume.
@@ -297,8 +328,10 @@ class DiLoCo(Strategy):
     fragments: int = 1
     overlap: int = 0
     wire_dtype: str = "float32"
+    hierarchical: bool = False
 
     def __post_init__(self) -> None:
+        _check_bool("DiLoCo", "hierarchical", self.hierarchical)
         _check_int("DiLoCo", "inner_steps", self.inner_steps, 1)
         _check_real("DiLoCo", "outer_lr", self.outer_lr, lambda v: 0.0 < v <= 10.0, "(0, 10]")
         _check_real("DiLoCo", "outer_momentum", self.outer_momentum, lambda v: 0.0 <= v < 1.0, "[0, 1)")

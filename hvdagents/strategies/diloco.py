@@ -11,7 +11,8 @@ alike and writes the fragment of θ_global into the model.
 Extension points (for an asynchronous DiLoCo, or a node-leader hierarchy): the update rule
 is :class:`OuterSGD` alone (pure, float64, in place on a range); the schedule is
 :func:`fragment_sent_after` alone (pure); the only collective is the adapter's
-:meth:`FlatSum.start_sum` (a hierarchical sum can replace it without touching the rest).
+:meth:`FlatSum.start_sum`, which ``hierarchical=True`` replaces by the node leaders' sum
+(:class:`~.hierarchy.HierarchicalSum`, the same contract) without touching the rest.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from ..errors import ModelMismatchError, NonFiniteError, UsageError
 from .base import ParameterAccess, Runner
 from .config import DiLoCo, Strategy
+from .hierarchy import HierarchicalSum, node_hierarchy
 from .sharded import shard_ranges
 
 __all__ = ["OuterSGD", "fragment_ranges", "fragment_sent_after", "FlatSum", "DiLoCoRunner"]
@@ -129,11 +131,23 @@ class DiLoCoRunner(Runner):
         self._pending: Optional[_InFlight] = None
         self._applied = 0  # outer steps of fragments this rank applied since start/restore
         self._prefix = f"hvdagents.diloco.{next(_runner_numbers)}"
+        self._summer: Optional[HierarchicalSum] = None  # hierarchical=True: made at start
+
+    def _sum(self, params: ParameterAccess) -> Callable[..., Callable[[], np.ndarray]]:
+        """The sum every exchange goes through: the adapter's ``start_sum`` (flat, Horovod), or
+        with ``hierarchical`` the node leaders' (:class:`~.hierarchy.HierarchicalSum`, made
+        collectively on first use, which :meth:`start` is)."""
+        if not self.strategy.hierarchical:
+            return params.start_sum  # type: ignore[attr-defined]
+        if self._summer is None:
+            self._summer = HierarchicalSum(params.start_sum, node_hierarchy(params))  # type: ignore[attr-defined]
+        return self._summer
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self, params: ParameterAccess) -> None:
         if getattr(params, "start_sum", None) is None:
             raise UsageError(f"hva.DiLoCo is not available for {type(params).__name__}")
+        self._sum(params)
         self.reseed(params)
 
     def reseed(self, params: ParameterAccess) -> None:
@@ -170,7 +184,7 @@ class DiLoCoRunner(Runner):
         if rank == 0 and saved is not None:
             local[0] = 1.0
             local[1:] = np.asarray(saved, dtype=np.float64).reshape(-1)
-        agreed = params.start_sum(local, "float64", self._prefix + ".restore")()  # type: ignore[attr-defined]
+        agreed = self._sum(params)(local, "float64", self._prefix + ".restore")()
         if agreed[0] == 0.0:
             self.reseed(params)
             return
@@ -212,6 +226,9 @@ class DiLoCoRunner(Runner):
                 self._send(params, fragment, step)
                 self._finish(params, step)
         params.set_flat(self.theta_global)
+        if self._summer is not None:
+            self._summer.hierarchy.close()
+            self._summer = None
 
     # -- one exchange -------------------------------------------------------------------------
     def _send(self, params: ParameterAccess, fragment: int, step: int) -> None:
@@ -229,9 +246,8 @@ class DiLoCoRunner(Runner):
         name = f"{self._prefix}.{fragment}"
         self._pending = _InFlight(
             fragment, step, step + self.strategy.overlap,
-            params.start_sum(delta * scale if scale != 1.0 else delta, wire, name),  # type: ignore[attr-defined]
-            params.start_sum(np.array([1.0, checksum, checksum * checksum]), "float64",  # type: ignore[attr-defined]
-                             name + ".control"),
+            self._sum(params)(delta * scale if scale != 1.0 else delta, wire, name),
+            self._sum(params)(np.array([1.0, checksum, checksum * checksum]), "float64", name + ".control"),
             mask, checksum,
         )
 
@@ -282,13 +298,13 @@ class DiLoCoRunner(Runner):
         rank, size = params.context.rank, params.context.size  # type: ignore[attr-defined]
         counts = np.zeros(size)
         counts[rank] = self._applied
-        counts = params.start_sum(counts, "float64", self._prefix + ".applied")()  # type: ignore[attr-defined]
+        counts = self._sum(params)(counts, "float64", self._prefix + ".applied")()
         if np.all(counts == counts[0]):
             return
         source = int(np.argmax(counts))
         n = self.theta_global.size
         local = np.concatenate([self.theta_global, self.momentum]) if rank == source else np.zeros(2 * n)
-        agreed = params.start_sum(local, "float64", self._prefix + ".adopt")()  # type: ignore[attr-defined]
+        agreed = self._sum(params)(local, "float64", self._prefix + ".adopt")()
         self.theta_global, self.momentum = agreed[:n].copy(), agreed[n:].copy()
         self._applied = int(counts[source])
 
