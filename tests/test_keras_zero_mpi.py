@@ -85,6 +85,12 @@ def test_two_ranks_checkpoint_resumes_on_three_under_zero_and_sync(runs, label):
     assert found["max_abs"] < 1e-9  # the 2-rank straight run's parameters after step 6
 
 
+def test_a_sync_checkpoint_resumes_under_zero(runs):
+    found = runs[3]["load:from_sync"]
+    assert found["epoch"] == 6 and found["identical"] is True
+    assert found["max_abs"] < 1e-9  # Sync's own parameters 3 steps after it saved
+
+
 def test_three_ranks_checkpoint_resumes_in_a_plain_process(runs):
     plain = runs["plain"]
     assert plain.returncode == 0, plain.stdout + plain.stderr

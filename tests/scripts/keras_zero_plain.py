@@ -1,5 +1,5 @@
 """One plain process (no mpirun): the checkpoint KerasAgent(ZeRO) saved on 3 ranks
-(DIR/three.ckpt) loads under KerasAgent(Sync) alone, and 3 more steps on whole batches equal
+(DIR/three-zero1.ckpt) loads under KerasAgent(Sync) alone, and 3 more steps on whole batches equal
 the 2-rank straight run after 9 steps. One RESULT line."""
 
 import os
@@ -24,7 +24,7 @@ keras.utils.set_random_seed(5)
 model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(7, activation="tanh"), keras.layers.Dense(3)])
 model.compile(optimizer=keras.optimizers.Adam(0.02), loss="mse")
 agent = hva.KerasAgent(model, strategy=hva.Sync())
-extra = agent.load_checkpoint(os.path.join(DIRECTORY, "three.ckpt"))
+extra = agent.load_checkpoint(os.path.join(DIRECTORY, "three-zero1.ckpt"))
 flat = np.concatenate([np.ravel(v.numpy()) for v in model.trainable_variables])
 loaded = bool(np.array_equal(flat, np.load(os.path.join(DIRECTORY, "three_params.npy"))))
 agent.fit(X[6 * BATCH:9 * BATCH], Y[6 * BATCH:9 * BATCH], batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
