@@ -60,6 +60,11 @@ def test_keras_optimizers_updated_element_by_element_are_accepted(name):
     refuse_unshardable(getattr(keras.optimizers, name)(learning_rate=0.01, global_clipnorm=1.0))  # no error
 
 
+def _excluding(optimizer, **exclude):
+    optimizer.exclude_from_weight_decay(**exclude)
+    return optimizer
+
+
 @pytest.mark.parametrize("build,message", [
     (lambda k: k.optimizers.Adafactor(), "cannot shard keras.optimizers.Adafactor: ZeRO applies each rank's range"),
     (lambda k: k.optimizers.Nadam(), "cannot shard keras.optimizers.Nadam: "),
@@ -69,6 +74,10 @@ def test_keras_optimizers_updated_element_by_element_are_accepted(name):
     (lambda k: k.optimizers.Adam(clipnorm=1.0), "Adam with clipnorm=1.0: it clips each variable's gradient by"),
     (lambda k: k.optimizers.SGD(use_ema=True), "SGD with use_ema=True: it keeps a moving average"),
     (lambda k: k.optimizers.AdamW(gradient_accumulation_steps=2), "AdamW with gradient_accumulation_steps=2"),
+    (lambda k: _excluding(k.optimizers.AdamW(weight_decay=0.1), var_names=["bias"]),
+     "AdamW after exclude_from_weight_decay"),
+    (lambda k: _excluding(k.optimizers.AdamW(weight_decay=0.1), var_list=[k.Variable([1.0])]),
+     "AdamW after exclude_from_weight_decay"),
 ])
 def test_keras_optimizers_that_couple_elements_or_keep_whole_copies_are_refused_by_name(build, message):
     keras = pytest.importorskip("keras")

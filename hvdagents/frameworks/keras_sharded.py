@@ -86,6 +86,13 @@ def refuse_unshardable(optimizer: Any) -> None:
         if config.get(key):
             raise UsageError(f"hva.ZeRO cannot shard {_public_name(cls)} with {key}={config[key]!r}: it {why}. "
                              "Use global_clipnorm for clipping, or hva.Sync() for this optimizer.")
+    # Keras keeps exclude_from_weight_decay() outside get_config(), so the shards' optimizer would
+    # decay what the user excluded: refused rather than silently different from Sync.
+    if getattr(optimizer, "_exclude_from_weight_decay", None) or getattr(
+            optimizer, "_exclude_from_weight_decay_pattern", None) is not None:
+        raise UsageError(f"hva.ZeRO cannot shard {_public_name(cls)} after exclude_from_weight_decay(): Keras keeps "
+                         "the exclusions outside the optimizer's get_config(), from which ZeRO builds each rank's "
+                         "optimizer, so the excluded variables would be decayed. Use hva.Sync() for this optimizer.")
 
 
 @dataclass
