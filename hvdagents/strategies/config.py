@@ -241,8 +241,9 @@ class ZeRO(Strategy):
       of one number).
 
     Only optimizers whose update of an element depends on that element alone can be cut so
-    (PyTorch: SGD, Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop, Adadelta); any other
-    class is refused on every rank when the agent is made. Checkpoints hold the whole
+    (PyTorch: SGD, Adam, AdamW, Adamax, NAdam, RAdam, Adagrad, RMSprop, Adadelta; Keras: SGD,
+    Adam, AdamW, Adamax, RMSprop, Adagrad, Adadelta, Lion); any other class is refused on every
+    rank when the agent is made. Checkpoints hold the whole
     optimizer state, as ``Sync``'s do, and load under either strategy at any world size.
     """
 
