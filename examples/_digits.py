@@ -15,7 +15,7 @@ SPLIT_SEED = 0
 
 def _period(a: argparse.Namespace) -> dict[str, int]:
     """``--period`` when given; else each strategy keeps its own default (Gossip 1, LocalSGD 8,
-    Downpour and EASGD 4)."""
+    Downpour and EASGD 4; DiLoCo's inner steps here: 8)."""
     return {} if a.period is None else {"period": a.period}
 
 
@@ -27,6 +27,9 @@ STRATEGIES = {
     "easgd": lambda a: hva.EASGD(alpha=a.alpha or easgd_alpha(hva.context().size), **_period(a),
                                  max_staleness=a.max_staleness),
     "gossip": lambda a: hva.Gossip(**_period(a), max_staleness=a.max_staleness),
+    "diloco": lambda a: hva.DiLoCo(inner_steps=a.period or 8, outer_lr=a.outer_lr),
+    "asyncdiloco": lambda a: hva.AsyncDiLoCo(inner_steps=a.period or 8, outer_lr=a.outer_lr,
+                                             max_staleness=a.max_staleness),
 }
 
 
@@ -48,6 +51,7 @@ def parser(description: str, default_strategy: str = "sync") -> argparse.Argumen
                    help="steps between exchanges (not Sync; default: the strategy's own)")
     p.add_argument("--alpha", type=float, default=None,
                    help="EASGD elasticity (default: 0.9 / ranks, the paper's β = 0.9)")
+    p.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo and AsyncDiLoCo: the outer learning rate")
     p.add_argument("--max-staleness", type=int, default=None)
     p.add_argument("--staleness-aware", action="store_true", help="Downpour: scale each push by 1/staleness")
     p.add_argument("--seed", type=int, default=0)

@@ -157,9 +157,11 @@ def test_doctor_reports_mpi_windows_across_hosts(two_hosts):
 # Every asynchronous strategy across the hosts (2 x 2 ranks, the relay between them), the
 # examples' defaults: one consensus model after close() that reaches the one-host bar of
 # test_async_agents_mpi.py (0.93; here 0.96-0.97 after 20 epochs).
-@pytest.mark.parametrize("strategy", ["downpour", "easgd", "gossip"])
+@pytest.mark.parametrize("strategy", ["downpour", "easgd", "gossip", "asyncdiloco"])
 def test_async_strategies_reach_one_consensus_across_hosts(two_hosts, strategy):
     args = ["--framework", "torch", "--strategy", strategy, "--epochs", "20"]
+    if strategy == "asyncdiloco":  # with SGD + momentum inside (see test_async_diloco_mpi.py)
+        args += ["--outer-lr", "0.3"]
     job = two_hosts.run(two_hosts.mpirun(REPO / "examples" / "async_digits.py", SLOTS, args), timeout=300).check()
     (accuracy,) = re.findall(r"final test accuracy: ([0-9.]+)", job.stdout)
     assert float(accuracy) >= 0.93, job.stdout[-2000:]
