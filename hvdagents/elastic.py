@@ -157,6 +157,7 @@ class State(HorovodState):
             setattr(self, name, value)
         super().__init__(bcast_object=self._broadcast_object, get_rank=lambda: agent.context.rank)
         self._saved: Optional[_Commit] = None
+        self._synced = False  # True once this rank took part in a sync (it holds the job's state)
         self.save()
 
     @property
@@ -199,29 +200,33 @@ class State(HorovodState):
             setattr(self, name, value)
 
     def sync(self) -> None:
-        """Collective over the (new) world: every rank takes rank 0's last commit, rank 0
-        included (rank 0 first puts it back; progress since is dropped), then commits it, so
-        that every rank's next :meth:`restore` puts back the same state.
+        """Collective over the (new) world: every rank takes the last commit of the lowest rank
+        that trained before (rank 0 at the start of the job; after a reset the lowest survivor,
+        since Horovod may give rank 0 to a worker that just joined), that rank included (it first
+        puts its commit back; progress since is dropped), then commits it, so that every rank's
+        next :meth:`restore` puts back the same state.
 
         Checks first that every rank built the same model
         (:class:`~hvdagents.ModelMismatchError` on every rank). Then model and optimizer travel
         as the agent's resume from a checkpoint does (Horovod's broadcasts), the strategy's
-        counters and the user's values as one object, and the runner's shared state through
-        its own collective restore (``DiLoCo``: a float64 sum, exact)."""
+        counters, the user's values and the runner's snapshot as one object, and the runner's
+        shared state is set through its own collective restore (``DiLoCo``: exact)."""
         agent = self.agent
-        is_root = agent.context.rank == ROOT_RANK
+        gathered = agent._allgather_object((agent._signature(), self._synced), name="hvdagents.elastic.start")
+        check_same_model([signature for signature, _ in gathered])
+        root = next((rank for rank, (_, synced) in enumerate(gathered) if synced), ROOT_RANK)
+        is_root = agent.context.rank == root
         if is_root:
             self.restore()
-        check_same_model(agent._allgather_object(agent._signature(), name="hvdagents.elastic.signature"))
-        agent._broadcast_state(root=ROOT_RANK)
+        agent._broadcast_state(root=root)
         rest = agent._broadcast_object(
-            {"strategy": agent.runner_state.to_dict(), "values": self.values} if is_root else None,
-            name="hvdagents.elastic.state")
+            {"strategy": agent.runner_state.to_dict(), "values": self.values, "shared": self._saved.shared}
+            if is_root else None, name="hvdagents.elastic.state", root=root)
         agent._runner.state = RunnerState.from_dict(rest["strategy"])
         for name, value in rest["values"].items():
             setattr(self, name, value)
-        agent._runner.restore(agent, self._saved.shared if is_root else None)
-        agent._elastic_synced = True
+        agent._runner.restore(agent, rest["shared"] if agent.context.rank == ROOT_RANK else None)  # read on rank 0
+        agent._elastic_synced = self._synced = True
         self.save()
 
     def reset(self) -> None:

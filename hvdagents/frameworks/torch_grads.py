@@ -347,6 +347,8 @@ class GradientAllreducer:
             )
         except Exception as err:  # noqa: BLE001 - Horovod reports a shape mismatch here
             self._in_flight.clear()  # some have no peer: waiting for them would hang
+            if "Mismatched" not in str(err):  # a peer lost (Horovod shut down): hva.elastic.run recovers from it
+                raise
             raise self._mismatch(names) from err
         active = self.active = totals[0].item()
         if totals[-2].item() != active * checksum or totals[-1].item() != active * checksum * checksum:
@@ -404,6 +406,18 @@ class GradientAllreducer:
             "rank must freeze and unfreeze the same parameters (requires_grad) and add the same "
             "param groups to its optimizer, at the same step."
         )
+
+    def rebind(self) -> None:
+        """Local: Horovod was restarted under this reducer (an elastic reset, see
+        :mod:`hvdagents.elastic`): forget the all-reduces in flight and where the step stood, and
+        take the new world's size. The names stay: a worker that joined made its reducer fresh,
+        and Horovod matches all-reduces by name (a new reducer here would wait forever)."""
+        self._in_flight.clear()
+        self._size = self._hvd.size()
+        self.active = float(self._size)
+        self._passes, self._averaged, self._unaveraged_local = 0, False, False
+        self._in_pass = self._averaging_pass = False
+        self._grads_seen = {}
 
     def close(self) -> None:
         """Remove every hook this reducer added (parameters and optimizer). Local."""

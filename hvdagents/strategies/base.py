@@ -35,6 +35,10 @@ class GradientReducer(Protocol):
     def close(self) -> None:
         """Stop averaging: remove every hook or wrapper that was added. Local."""
 
+    def rebind(self) -> None:
+        """Local: Horovod was restarted (an elastic reset): forget the all-reduces in flight and
+        take the new world's size, keeping the all-reduces' names."""
+
 
 class ParameterAccess(Protocol):
     """A model's parameters as the strategies see them (implemented by each adapter)."""
@@ -158,11 +162,10 @@ class SyncRunner(Runner):
         self.state.last_sync_step = self.state.step
 
     def rebind(self, params: ParameterAccess) -> None:
-        """Local: a new gradient reducer for the new world (the old one counted the old
-        size and may hold all-reduces of the old Horovod); the old one's hooks are removed."""
+        """Local: the gradient reducer forgets the all-reduces of the old Horovod and takes the
+        new world's size (its all-reduces keep their names, as a joining worker's have)."""
         if self._reducer is not None:
-            self._reducer.close()
-            self._reducer = params.average_gradients(self.strategy)
+            self._reducer.rebind()
 
     def finish(self, params: ParameterAccess) -> None:
         if self._reducer is not None:
