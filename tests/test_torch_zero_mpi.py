@@ -121,3 +121,24 @@ def test_four_ranks_checkpoint_resumes_in_a_plain_process(runs):
     assert result["loaded_bitwise"] is True  # the file holds the parameters the 4 ranks had
     assert result["steps"] == [9, 9, 9, 9]  # Adam's step counts went on from the saved 6
     assert result["max_abs"] < 1e-9  # equal to the 2-rank straight run after step 9
+
+
+# The same script across the two simulated hosts (2 x 2 ranks, TCP between them): every case of
+# ZeRO against Sync, and each rank's exact share of the optimizer state.
+@pytest.fixture(scope="module")
+def across_hosts(two_hosts, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("zero_hosts")
+    return Checks(two_hosts.run(two_hosts.mpirun(SCRIPTS / "torch_zero.py", 2, [str(directory), "save"]),
+                                timeout=300))
+
+
+def test_zero_equals_sync_across_hosts_in_every_case(across_hosts):
+    across_hosts.job.check()
+    for case in CASES:
+        found = across_hosts[f"equal:{case}"]
+        assert found["ranks"] == 4
+        assert found["max_abs"] < found["tol"], (case, found)
+        assert found["identical"] is True, case
+    for stage in (1, 2):
+        found = across_hosts[f"state_bytes:stage{stage}"]
+        assert found["per_rank"] == found["expected"] and sum(found["per_rank"]) == found["sync_elements"]
