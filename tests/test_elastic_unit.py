@@ -65,7 +65,8 @@ def test_elastic_launch_is_read_from_horovodruns_variables():
 
 
 @pytest.mark.parametrize("strategy", [hva.Downpour(), hva.EASGD(alpha=0.5), hva.Gossip(),
-                                      hva.LocalSGD(), hva.ZeRO(), hva.Sync(), hva.DiLoCo(inner_steps=4)])
+                                      hva.AsyncDiLoCo(inner_steps=4), hva.LocalSGD(), hva.ZeRO(), hva.Sync(),
+                                      hva.DiLoCo(inner_steps=4)])
 def test_what_cannot_be_elastic_is_refused_naming_the_way_out(strategy):
     refused = elastic_problem("TorchAgent", strategy)
     if isinstance(strategy, (hva.Sync, hva.LocalSGD, hva.DiLoCo)):
