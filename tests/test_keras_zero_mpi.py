@@ -1,5 +1,6 @@
 """KerasAgent(ZeRO) on real MPI ranks: equals Sync (float64), refuses what it cannot shard, holds
-1/N of the optimizer state, and its checkpoints go 2 ranks -> 3 ranks -> one plain process.
+1/N of the optimizer state, keeps frozen layers and evens out uneven shards as Sync does, and its
+checkpoints go 2 ranks -> 3 ranks -> one plain process.
 Three launches: tests/scripts/keras_zero.py at 2 ranks (saves) and 3 ranks (loads; 59
 parameters make uneven ranges), then tests/scripts/keras_zero_plain.py alone."""
 
@@ -71,6 +72,27 @@ def test_each_rank_holds_exactly_its_range_of_the_optimizer_state(runs, ranks, s
     ranges = [PARAMETERS // ranks + (1 if r < PARAMETERS % ranks else 0) for r in range(ranks)]
     assert found["per_rank"] == [scalars + moments * n for n in ranges]
     assert found["user_built"] is False  # the user's optimizer never allocated the whole state
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_frozen_layers_equal_sync_and_only_trainable_elements_are_cut(runs, ranks, stage):
+    found = runs[ranks][f"frozen:stage{stage}"]  # the first Dense (35 weights) has trainable=False
+    assert found["moved"] > 1e-2 and found["max_abs"] < 1e-9 and found["identical"] is True
+    assert found["frozen_kept"] is True  # its weights kept their bits
+    trainable, moments = 7 * 3 + 3, 2 * 8
+    scalars = found["sync"] - moments * trainable  # Sync's state: the 24 trainable elements' moments
+    ranges = [trainable // ranks + (1 if r < trainable % ranks else 0) for r in range(ranks)]
+    assert found["per_rank"] == [scalars + moments * n for n in ranges]
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_uneven_shards_are_evened_out_and_equal_sync_run_the_same_way(runs, ranks, stage):
+    found = runs[ranks][f"uneven:stage{stage}"]  # rank r held 9 + 3r rows, batches of 4, 2 epochs
+    longest = -(-(9 + 3 * (ranks - 1)) // 4) * 2
+    assert found["sync_steps"] == longest and found["steps"] == [longest] * ranks
+    assert found["max_abs"] < 1e-9 and found["identical"] is True
 
 
 def test_resume_at_the_same_world_size_is_bitwise(runs):

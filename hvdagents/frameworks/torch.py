@@ -116,13 +116,15 @@ class TorchAgent(Agent):
     state lives in ranges, 1/N per rank, in an optimizer of the user's class that the
     agent steps inside every step of the user's (which keeps no state itself). Stage 1
     keeps ``Sync``'s contract above; stage 2 leaves ``.grad`` ``None`` after backward (the
-    mean of this rank's range is kept apart): clip with :meth:`clip_grad_norm_`. Every
-    rank must make the same number of steps (a rank that closes early is refused on the
-    others), and :meth:`save_checkpoint` is collective.
+    mean of this rank's range is kept apart): clip with :meth:`clip_grad_norm_`. Uneven
+    data as under ``Sync``: a rank that closes early serves the others' remaining steps
+    (zero gradients, its own range stepped), and :meth:`save_checkpoint` is collective.
     """
 
     #: The ZeRO optimizer's ranges and hooks (made by ZeRO's runner at start).
     _sharded: ShardedOptimizer | None = None
+    #: True while close() adopts the longest rank's state under ZeRO (the ranges stay as served).
+    _keep_ranges = False
 
     def __init__(
         self,
@@ -318,10 +320,26 @@ class TorchAgent(Agent):
 
     def _wait_for_every_rank_to_close(self) -> None:
         """Collective over all ranks (see :meth:`Agent.close`): under ``Sync`` and
-        ``LocalSGD``, wait in Horovod's join until every rank has closed."""
+        ``LocalSGD``, wait in Horovod's join until every rank has closed; under ZeRO, serve
+        the others' steps until then (:meth:`.ShardedOptimizer.serve`: this rank's range is
+        stepped to the end)."""
+        if self._sharded is not None and isinstance(self.strategy, ZeRO):
+            self._sharded.serve()
+            return
         if self._hvd is not None and self.context.size > 1:
             device = next((p.device.index for p in self._params if p.is_cuda), -1)
             self._hvd.join(device)
+
+    def _adopt_state_of_rank_with_most_steps(self) -> None:
+        """See :meth:`Agent._adopt_state_of_rank_with_most_steps`. Under ZeRO the ranks that
+        closed early served the others' steps, so the parameters and every range of the
+        optimizer state are already where the longest rank's steps left them: its buffers and
+        step count are taken, the ranges stay."""
+        self._keep_ranges = self._sharded is not None
+        try:
+            super()._adopt_state_of_rank_with_most_steps()
+        finally:
+            self._keep_ranges = False
 
     def close(self) -> None:
         """Collective: see :meth:`Agent.close`; then every hook this agent added to the model
@@ -367,13 +385,14 @@ class TorchAgent(Agent):
         if not self.context.mpi_world:  # horovodrun --gloo: Horovod's own broadcasts
             self._hvd.broadcast_parameters(self.model.state_dict(), root_rank=root)
             if self._sharded is not None:
-                self._sharded.load_state_dict(root)
+                if not self._keep_ranges:
+                    self._sharded.load_state_dict(root)
                 return
             state = self.optimizer.state_dict() if self.context.rank == root else None
             self.optimizer.load_state_dict(self._broadcast_object(state, name="hvdagents.optimizer", root=root))
             return
         if self.context.size == 1:
-            if self._sharded is not None:
+            if self._sharded is not None and not self._keep_ranges:
                 self._sharded.load_state_dict(root)
             return
         comm = self.context.comm
@@ -386,7 +405,8 @@ class TorchAgent(Agent):
                     bcast_array(comm, _bytes_view(host), root=root)
                     t.copy_(host)
         if self._sharded is not None:  # ZeRO: the optimizer's state goes out in ranges instead
-            self._sharded.load_state_dict(root)
+            if not self._keep_ranges:
+                self._sharded.load_state_dict(root)
             return
         state = bcast_tree(
             comm, self.optimizer.state_dict() if self.context.rank == root else None,

@@ -366,6 +366,52 @@ class GradientAllreducer:
         finally:
             self._drain()  # what is left (a parameter dropped from the set, or after an error)
 
+    # -- a rank that left serving the others (ZeRO, see torch_sharded.ShardedOptimizer.serve) ---
+    def serve(self) -> str:
+        """Collective, on a rank that closed while others still train: the next presence
+        all-reduce of the ranks still training, this rank contributing zeros there (as
+        Horovod's join would). Returns ``"closed"`` when no rank trains any more, ``"step"``
+        for an :meth:`announce`, or ``"pass"`` for an averaging pass: this rank then takes
+        part in its all-reduces with zero gradients and, like the others, leaves the mean in
+        ``.grad`` (``None`` where no rank had a gradient)."""
+        self.refresh()
+        names = list(self._tracked)
+        presence = torch.zeros(len(names) + 3, dtype=torch.float64)
+        totals = self._hvd.allreduce(presence, name=self._prefix + "presence", op=self._hvd.Sum)
+        active = totals[0].item()
+        if active == 0:
+            return "closed"
+        self.active = active
+        if totals[-2].item() < 0:
+            return "step"
+        for name, p in self._tracked.items():
+            p.grad = self._empty_sparse(p) if id(p) in self._sparse else torch.zeros_like(p)
+            self._start(name, p.grad)
+        try:
+            for name, count in zip(names, totals[1:-2].tolist()):
+                flight = self._in_flight.pop(name)
+                if len(flight.handles) == 2:
+                    self._finish_sparse(name, flight, active)
+                else:
+                    self._finish_dense(flight, active)
+                if count == 0:
+                    self._tracked[name].grad = None
+        finally:
+            self._drain()
+        return "pass"
+
+    def announce(self) -> None:
+        """Collective over every rank, on the ranks still training once one has left (ZeRO):
+        tells the ranks in :meth:`serve` that a step follows, through the presence all-reduce
+        (same name and length; a negative checksum marks it). Every rank still training must
+        announce alike, else :class:`~hvdagents.ModelMismatchError`."""
+        names = list(self._tracked)
+        presence = torch.zeros(len(names) + 3, dtype=torch.float64)
+        presence[0], presence[-2] = 1.0, -1.0
+        totals = self._hvd.allreduce(presence, name=self._prefix + "presence", op=self._hvd.Sum)
+        if totals[-2].item() != -totals[0].item():
+            raise self._mismatch(names)
+
     def _finish_dense(self, flight: _InFlight, active: float) -> None:
         reduced = self._hvd.synchronize(flight.handles[0])
         grad = flight.grad

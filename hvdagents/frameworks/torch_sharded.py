@@ -23,6 +23,16 @@ post-hook gives them back):
 5. the ranges are all-gathered (in rounds, :func:`~hvdagents.strategies.sharded.rounds`)
    and written into every parameter that had a gradient; the others keep their bits.
 
+**Uneven data** (as under ``Sync``): a rank that runs out of batches closes its agent and
+then *serves* (:meth:`ShardedOptimizer.serve`) until every rank has closed: it takes part in
+the others' reductions with zeros (each step averages over the ranks still training), steps
+its own range when they step, with their hyper-parameters, and receives the all-gathered
+parameters. So every rank ends with the parameters, and each range with the optimizer state,
+of the rank that made the most steps. Once a rank has left, the ranks still training
+announce each step (and stage 2's clipping) through the presence all-reduce that a backward
+pass already makes, plus one all-gather of the step's hyper-parameters: nothing more moves
+while every rank trains.
+
 **Checkpoints** hold the user's optimizer's ordinary ``state_dict``: gathered to rank 0 one
 parameter's state tensor at a time (``MPI_Gatherv``), scattered back the same way on load.
 """
@@ -39,7 +49,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from ..collectives import allgather_object_over, bcast_object_over
+from ..collectives import allgather_object_over, bcast_array, bcast_object_over
 from ..errors import ModelMismatchError, UsageError
 from ..strategies.sharded import rounds, shard_ranges
 from .torch_grads import GradientAllreducer, names_checksum
@@ -65,6 +75,20 @@ _WIRE_DTYPES = {torch.bfloat16: torch.float32}
 
 #: Numbers the ZeRO optimizers of this process in order (the same on every rank).
 _numbers = itertools.count()
+
+#: Dtypes whose reduce-scatter goes through MPI (``MPI_Reduce_scatter`` into a kept buffer)
+#: where there is an MPI world and the tensors are on the host; others through Horovod.
+_MPI_SUMS = (torch.float32, torch.float64)
+
+
+def _mpi() -> Any:
+    from mpi4py import MPI
+
+    return MPI
+
+#: What a stage 2 presence all-reduce announces (its second element, summed over the ranks
+#: still training): a backward pass's reduce-scatter, a clipping norm, a step.
+_PASS, _CLIP, _STEP = 1.0, 2.0, 3.0
 
 
 @dataclass
@@ -140,8 +164,12 @@ class ShardedOptimizer:
                                     optimizer.register_step_post_hook(self._after_step)]
         # stage 2: the mean gradient of this rank's range, per bucket, since the last step
         self._grads: dict[int, torch.Tensor] = {}
+        self._buffers: dict[int, torch.Tensor] = {}  # what self._grads holds, kept from step to step
+        self._kept: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}  # see _buffer
         self._present: set[int] = set()  # ids of parameters some rank had a gradient for
         self._reduced = False
+        self._left = False  # a rank closed while this one trains: its steps are announced (serve)
+        self._serving = False  # this rank closed and serves the others' steps
         self._in_pass = False
         self._syncing = True
         self._hooked: set[int] = set()
@@ -217,36 +245,134 @@ class ShardedOptimizer:
                              "range runs before the closure's backward); call backward, then step()")
         self._layout()
         if self._stage == 1:
-            self._check_active(self._gradients.active)
+            self._left = self._left or self._gradients.active != self._size
             present = {id(m.param) for b in self._buckets for m in b.members if m.param.grad is not None}
-            for piece in self._pieces():
-                grad = piece.member.param.grad
-                piece.values.grad = None if grad is None else grad.reshape(-1)[piece.start:piece.stop]
         else:
             if not self._reduced:
                 raise UsageError("optimizer.step() would step with gradients that were not averaged over the ranks: "
                                  "no backward pass ran since the last step. Call loss.backward() before every step.")
             present = self._present
-            for bucket in self._buckets:
-                grads = self._grads.get(id(bucket))
-                for piece in bucket.pieces:
-                    at = piece.member.offset + piece.start - bucket.lo
-                    piece.values.grad = (grads[at:at + piece.stop - piece.start]
-                                         if grads is not None and id(piece.member.param) in present else None)
-        for gi, group in enumerate(self._optimizer.param_groups):
-            self._inner.param_groups[gi].update({k: v for k, v in group.items() if k != "params"})
-        with torch.no_grad():
-            for piece in self._pieces():
-                piece.values.copy_(piece.member.param.detach().reshape(-1)[piece.start:piece.stop])
-            step_kwargs = {k: v for k, v in kwargs.items() if k != "closure"}
-            self._inner.step(**step_kwargs)
-            for piece in self._pieces():
-                piece.values.grad = None
-            self._gather(present)
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self._optimizer.param_groups]
+        if self._left:  # the ranks that closed step their ranges too (serve)
+            if self._stage == 1:
+                self._gradients.announce()
+                indices = sorted(m.index for b in self._buckets for m in b.members if id(m.param) in present)
+                root, _ = self._exchange((settings, indices))
+                self._share_gradients(root, present)
+            else:
+                self._event(_STEP)
+                self._exchange((settings, None))
+        self._step_ranges(settings, present, {k: v for k, v in kwargs.items() if k != "closure"})
         # the user's own step runs next: it finds no gradient, so it changes nothing, keeps no state
         self._hidden = [(p, p.grad) for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None]
         for p, _ in self._hidden:
             p.grad = None
+
+    def _step_ranges(self, settings: list[dict[str, Any]], present: set[int], step_kwargs: dict[str, Any]) -> None:
+        """Collective: step the inner optimizer on this rank's ranges with the mean gradient
+        (stage 1: slices of ``.grad``; stage 2: the reduce-scattered ranges) and the user's
+        hyper-parameters ``settings``, then all-gather the ranges into the parameters in
+        ``present`` (ids of those some rank had a gradient for)."""
+        for bucket in self._buckets:
+            grads = self._grads.get(id(bucket))
+            for piece in bucket.pieces:
+                if self._stage == 1:
+                    grad = piece.member.param.grad
+                    piece.values.grad = None if grad is None else grad.reshape(-1)[piece.start:piece.stop]
+                else:
+                    at = piece.member.offset + piece.start - bucket.lo
+                    piece.values.grad = (grads[at:at + piece.stop - piece.start]
+                                         if grads is not None and id(piece.member.param) in present else None)
+        for gi, group in enumerate(settings):
+            self._inner.param_groups[gi].update(group)
+        with torch.no_grad():
+            for piece in self._pieces():
+                piece.values.copy_(piece.member.param.detach().reshape(-1)[piece.start:piece.stop])
+            self._inner.step(**step_kwargs)
+            for piece in self._pieces():
+                piece.values.grad = None
+            self._gather(present)
+
+    # -- a rank that ran out of data ------------------------------------------------------------
+    def serve(self) -> None:
+        """Collective over all ranks, on a rank that closed (``agent.close()``, uneven data)
+        after its last step: take part in every collective the ranks still training make, until
+        every rank has closed. It contributes zero gradients (so each step averages over the
+        ranks still training, as under ``Sync``), steps its own range with the mean gradient and
+        the trainers' hyper-parameters when they step, and receives the all-gathered
+        parameters: every rank ends with the same parameters, and each range's optimizer state
+        is the one a rank that trained to the end would hold.
+
+        The ranks still training learn that a rank left from the first averaging pass after it
+        (the presence all-reduce counts the ranks in a pass); from then on they announce every
+        other collective (the clipping norm, the step) through that same all-reduce, followed by
+        one all-gather of the step's hyper-parameters (or the clipping's arguments)."""
+        if self._size == 1:
+            return
+        self._serving = True
+        if self._stage == 1:
+            while True:
+                event = self._gradients.serve()
+                if event == "closed":
+                    return
+                if event == "step":
+                    self._layout()
+                    root, (settings, indices) = self._exchange(None)
+                    wanted = set(indices)
+                    present = {id(m.param) for b in self._buckets for m in b.members if m.index in wanted}
+                    self._share_gradients(root, present)
+                    self._step_ranges(settings, present, {})
+        while True:
+            totals = self._event(0.0)
+            active = totals[0].item()
+            if active == 0:
+                return
+            kind = totals[1].item() / active
+            if kind == _PASS:
+                self._reduce(totals, contribute=False)
+            elif kind == _CLIP:
+                _, (max_norm, norm_type) = self._exchange(None)
+                self._clip_ranges(max_norm, norm_type)
+            elif kind == _STEP:
+                _, (settings, _) = self._exchange(None)
+                self._step_ranges(settings, self._present, {})
+                self._grads, self._present, self._reduced = {}, set(), False
+            else:
+                raise RuntimeError(f"hva.ZeRO: an announcement this rank cannot read ({totals[1].item()} over "
+                                   f"{active} ranks); the ranks still training disagree on what comes next")
+
+    def _exchange(self, value: Any) -> tuple[int, Any]:
+        """Collective: the lowest rank still training (those that closed give ``None``) and
+        its ``value``: the hyper-parameters of a step, or the arguments of a clipping."""
+        values = allgather_object_over(self._comm, self._hvd, value, f"{self._prefix}exchange")
+        root = next(r for r, v in enumerate(values) if v is not None)
+        return root, values[root]
+
+    def _share_gradients(self, root: int, present: set[int]) -> None:
+        """Collective (stage 1, once a rank has left): ``root``'s ``.grad`` of the parameters
+        in ``present``, one flat vector per bucket, into ``.grad`` on the ranks that closed,
+        which run none of the user's code between backward and the step (clipping, a
+        ``GradScaler``'s unscaling). The ranks still training hold the same bits already."""
+        with torch.no_grad():
+            for b, bucket in enumerate(self._buckets):
+                members = [m for m in bucket.members if id(m.param) in present]
+                if not members:
+                    continue
+                if self._rank == root:
+                    flat = torch.cat([m.param.grad.detach().reshape(-1).cpu() for m in members])
+                else:
+                    flat = torch.empty(sum(m.numel for m in members), dtype=bucket.dtype)
+                if self._comm is not None:
+                    bcast_array(self._comm, flat.view(torch.uint8).numpy(), root=root)
+                else:
+                    wire = flat.view(torch.int16) if flat.dtype == torch.bfloat16 else flat
+                    flat = self._hvd.broadcast(wire, root_rank=root, name=f"{self._prefix}grads.{b}").view(flat.dtype)
+                if not self._serving:
+                    continue
+                at = 0
+                for m in members:
+                    m.param.grad = flat[at:at + m.numel].view_as(m.param).to(m.param.device)
+                    at += m.numel
 
     def _after_step(self, optimizer: Any, args: tuple, kwargs: dict) -> None:
         for p, grad in self._hidden:
@@ -261,10 +387,16 @@ class ShardedOptimizer:
             for j, parts in enumerate(rounds(bucket.length, self._size, ROUND_ELEMENTS)):
                 lo, hi = parts[self._rank]
                 mine = bucket.values[lo - bucket.lo:hi - bucket.lo]
-                wire = mine.view(torch.int16) if mine.dtype == torch.bfloat16 else mine
-                whole = self._hvd.allgather(wire, name=f"{self._prefix}gather.{b}.{j}")
-                if whole.dtype != bucket.dtype:
-                    whole = whole.view(bucket.dtype)
+                if self._comm is not None and mine.device.type == "cpu":  # MPI into a kept buffer
+                    whole = self._buffer("gather", sum(z - a for a, z in parts), mine.dtype, mine.device)
+                    size = mine.element_size()
+                    self._comm.Allgatherv(mine.view(torch.uint8).numpy(),
+                                          [whole.view(torch.uint8).numpy(), [(z - a) * size for a, z in parts]])
+                else:
+                    wire = mine.view(torch.int16) if mine.dtype == torch.bfloat16 else mine
+                    whole = self._hvd.allgather(wire, name=f"{self._prefix}gather.{b}.{j}")
+                    if whole.dtype != bucket.dtype:
+                        whole = whole.view(bucket.dtype)
                 at = 0
                 for lo, hi in parts:
                     self._write(bucket, lo, whole[at:at + hi - lo], present)
@@ -287,14 +419,6 @@ class ShardedOptimizer:
                 flat[a - m.offset:z - m.offset].copy_(values[a - lo:z - lo])
                 m.param.data.copy_(flat.view_as(m.param))
 
-    def _check_active(self, active: float) -> None:
-        if active != self._size:
-            raise UsageError(
-                f"{self._size - int(active)} rank(s) closed their agent while this rank still trains: under "
-                "hva.ZeRO each rank steps its own range of the parameters, so every rank must make the same "
-                "number of steps (give every rank the same number of batches, e.g. drop the uneven last one)"
-            )
-
     # -- stage 2: reduce-scatter at the end of backward ---------------------------------------
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -312,54 +436,96 @@ class ShardedOptimizer:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
 
     def _end_pass(self) -> None:
-        """Collective: the mean of this pass's gradients over the ranks, this rank's range
-        added to what earlier passes since the step left; ``.grad`` becomes ``None``."""
+        """Collective: the mean of this pass's gradients over the ranks still training, this
+        rank's range added to what earlier passes since the step left; ``.grad`` becomes ``None``."""
         self._in_pass = False
         self._layout()
+        flags = [1.0 if m.param.grad is not None else 0.0 for b in self._buckets for m in b.members]
+        totals = self._event(_PASS, flags)
+        self._left = self._left or totals[0].item() != self._size
+        self._reduce(totals, contribute=True)
+
+    def _event(self, kind: float, flags: list[float] | None = None) -> torch.Tensor:
+        """Collective (stage 2): the presence all-reduce, ``[1, kind, flags..., checksum,
+        checksum**2]`` summed over the ranks (flags: this rank had a gradient, per parameter);
+        a rank that closed sends zeros (``kind`` 0). The ranks still training raise
+        :class:`~hvdagents.ModelMismatchError` when they differ in their trainable names or
+        in ``kind``."""
         members = [m for b in self._buckets for m in b.members]
-        trainable = [m for m in members if m.param.requires_grad]
-        checksum = float(names_checksum([m.name for m in trainable]))
-        flags = [1.0 if m.param.grad is not None else 0.0 for m in members]
-        presence = torch.tensor([1.0, *flags, checksum, checksum * checksum], dtype=torch.float64)
+        trained = [m.name for m in members if m.param.requires_grad]
+        if kind == 0.0:
+            presence = torch.zeros(len(members) + 4, dtype=torch.float64)
+        else:
+            checksum = float(names_checksum(trained))
+            flags = flags if flags is not None else [0.0] * len(members)
+            presence = torch.tensor([1.0, kind, *flags, checksum, checksum * checksum], dtype=torch.float64)
         try:
             totals = self._hvd.allreduce(presence, name=f"{self._prefix}presence", op=self._hvd.Sum)
         except Exception as err:  # noqa: BLE001 - Horovod reports a shape mismatch here
-            raise self._mismatch(len(trainable)) from err
+            raise self._mismatch(len(trained)) from err
         active = totals[0].item()
-        if totals[-2].item() != active * checksum or totals[-1].item() != active * checksum * checksum:
-            raise self._mismatch(len(trainable))
-        self._check_active(active)
-        for m, count in zip(members, totals[1:-2].tolist()):
+        if kind != 0.0 and (totals[1].item() != active * kind or totals[-2].item() != active * presence[-2].item()
+                            or totals[-1].item() != active * presence[-1].item()):
+            raise self._mismatch(len(trained))
+        return totals
+
+    def _reduce(self, totals: torch.Tensor, contribute: bool) -> None:
+        """Collective (stage 2, after a pass's presence): reduce-scatter every bucket (zeros
+        from a rank that closed, ``contribute=False``) and divide by the ranks still training."""
+        members = [m for b in self._buckets for m in b.members]
+        for m, count in zip(members, totals[2:-2].tolist()):
             if count > 0:
                 self._present.add(id(m.param))
+        active = totals[0].item()
         with torch.no_grad():
             for b, bucket in enumerate(self._buckets):
-                self._reduce_scatter(b, bucket)
-            for m in members:
-                m.param.grad = None
+                self._reduce_scatter(b, bucket, active, contribute)
+            if contribute:
+                for m in members:
+                    m.param.grad = None
         self._reduced = True
 
-    def _reduce_scatter(self, b: int, bucket: _Bucket) -> None:
+    def _reduce_scatter(self, b: int, bucket: _Bucket, active: float, contribute: bool) -> None:
         wire_dtype = _WIRE_DTYPES.get(bucket.dtype, bucket.dtype)
         grads = self._grads.get(id(bucket))
-        if grads is None:
-            grads = self._grads[id(bucket)] = torch.zeros(bucket.hi - bucket.lo, dtype=bucket.dtype,
-                                                          device=bucket.device)
+        if grads is None:  # the first pass since the step: the bucket's buffer, zeroed (kept: no page faults)
+            grads = self._buffers.get(id(bucket))
+            if grads is None:
+                grads = self._buffers[id(bucket)] = torch.empty(bucket.hi - bucket.lo, dtype=bucket.dtype,
+                                                                device=bucket.device)
+            self._grads[id(bucket)] = grads.zero_()
+        whole = contribute and all(m.param.grad is not None for m in bucket.members)
         for j, parts in enumerate(rounds(bucket.length, self._size, ROUND_ELEMENTS)):
-            send = torch.zeros(sum(hi - lo for lo, hi in parts), dtype=wire_dtype, device=bucket.device)
+            send = self._buffer("send", sum(hi - lo for lo, hi in parts), wire_dtype, bucket.device)
+            if not whole:
+                send.zero_()
             at = 0
             for lo, hi in parts:
                 for m in bucket.members:
                     a, z = max(lo, m.offset), min(hi, m.offset + m.numel)
-                    if a < z and m.param.grad is not None:
+                    if a < z and contribute and m.param.grad is not None:
                         send[at + a - lo:at + z - lo].copy_(m.param.grad.reshape(-1)[a - m.offset:z - m.offset])
                 at += hi - lo
-            mine = self._hvd.reducescatter(send, name=f"{self._prefix}scatter.{b}.{j}", op=self._hvd.Sum)
             lo, hi = parts[self._rank]
+            if self._comm is not None and send.device.type == "cpu" and wire_dtype in _MPI_SUMS:
+                mine = self._buffer("mine", hi - lo, wire_dtype, send.device)  # MPI into a kept buffer
+                self._comm.Reduce_scatter(send.numpy(), mine.numpy(), [z - a for a, z in parts], op=_mpi().SUM)
+            else:
+                mine = self._hvd.reducescatter(send, name=f"{self._prefix}scatter.{b}.{j}", op=self._hvd.Sum)
             if mine.numel() != hi - lo:
                 raise RuntimeError(f"Horovod's reducescatter gave rank {self._rank} {mine.numel()} elements; "
                                    f"the partition expects {hi - lo}")
-            grads[lo - bucket.lo:hi - bucket.lo].add_(mine.div_(self._size).to(bucket.dtype))
+            grads[lo - bucket.lo:hi - bucket.lo].add_(mine.div_(active).to(bucket.dtype))
+
+    def _buffer(self, role: str, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The first ``length`` elements of a buffer kept for one role of the collectives
+        (``"send"``, ``"mine"``: a reduce-scatter's input and output; ``"gather"``: an
+        all-gather's output), at most one round (:data:`ROUND_ELEMENTS`) long: a fresh buffer
+        per step would fault its pages in again (tens of milliseconds per 10M elements)."""
+        buffer = self._kept.get((role, dtype, device))
+        if buffer is None or buffer.numel() < length:
+            buffer = self._kept[(role, dtype, device)] = torch.empty(length, dtype=dtype, device=device)
+        return buffer[:length]
 
     def _mismatch(self, trained: int) -> ModelMismatchError:
         return ModelMismatchError(
@@ -376,7 +542,14 @@ class ShardedOptimizer:
         if self._stage == 1:
             params = [p for g in self._optimizer.param_groups for p in g["params"] if p.grad is not None]
             return torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type)
-        norm_type = float(norm_type)
+        if self._left:  # the ranks that closed take part in the norm (serve)
+            self._event(_CLIP)
+            self._exchange((float(max_norm), float(norm_type)))
+        return self._clip_ranges(float(max_norm), float(norm_type))
+
+    def _clip_ranges(self, max_norm: float, norm_type: float) -> torch.Tensor:
+        """Collective (stage 2): the norm of the whole mean gradient over every rank's range
+        (one all-reduce), each range scaled by the same coefficient."""
         grads = [g for g in self._grads.values() if g.numel()]
         if norm_type == math.inf:
             local = max((g.abs().max().to(torch.float64) for g in grads), default=torch.zeros((), dtype=torch.float64))

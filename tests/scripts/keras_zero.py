@@ -127,7 +127,57 @@ for stage in (1, 2):
            sync=sync_bytes, user_built=bool(user.built))
     agent.close()
 
-# 4. Checkpoints: resume bitwise at the same world size; a whole state across world sizes and strategies.
+# 4a. Frozen layers: the first Dense has trainable=False before the agent is made (Adam). ZeRO
+#     equals Sync, the frozen weights keep their bits, and the ranges cut the 24 trainable
+#     elements only (the state per rank is checked against that count).
+def make_frozen(strategy):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(7, activation="tanh"), keras.layers.Dense(3)])
+    model.layers[0].trainable = False
+    model.compile(optimizer=OPTIMIZERS["adam"](), loss="mse")
+    return model, hva.KerasAgent(model, strategy=strategy)
+
+
+def weights(model):
+    return np.concatenate([np.ravel(v.numpy()) for v in model.weights])
+
+
+model, agent = make_frozen(hva.Sync())
+frozen_start = weights(model)
+train(agent, STEPS)
+frozen_reference, frozen_sync_bytes = weights(model), agent.optimizer_state_bytes()
+agent.close()
+for stage in (1, 2):
+    model, agent = make_frozen(hva.ZeRO(stage=stage))
+    train(agent, STEPS)
+    kernel = model.layers[0].kernel.numpy().size + model.layers[0].bias.numpy().size  # 35 frozen, first
+    report(f"frozen:stage{stage}", max_abs=float(np.abs(weights(model) - frozen_reference).max()),
+           moved=float(np.abs(frozen_reference - frozen_start).max()), identical=identical(model),
+           frozen_kept=bool(np.array_equal(weights(model)[:kernel], frozen_start[:kernel])),
+           per_rank=hvd.allgather_object(agent.optimizer_state_bytes()), sync=frozen_sync_bytes)
+    agent.close()
+
+# 4b. Uneven shards: rank r holds 9 + 3r rows; agent.fit evens them out (the longest shard's
+#     batches on every rank) under ZeRO as under Sync, and ends equal to Sync run the same way.
+uneven_rows = np.arange(40 * ctx.rank, 40 * ctx.rank + 9 + 3 * ctx.rank)
+
+
+def train_uneven(strategy):
+    model, agent = make(strategy, "adam")
+    history = agent.fit(X[uneven_rows], Y[uneven_rows], batch_size=4, epochs=2, shuffle=False)
+    steps = int(model.optimizer.iterations.numpy())
+    agent.close()
+    return model, steps, history
+
+
+model, sync_steps, _ = train_uneven(hva.Sync())
+uneven_reference = flat(model)
+for stage in (1, 2):
+    model, steps, _ = train_uneven(hva.ZeRO(stage=stage))
+    report(f"uneven:stage{stage}", max_abs=float(np.abs(flat(model) - uneven_reference).max()),
+           identical=identical(model), steps=hvd.allgather_object(steps), sync_steps=sync_steps)
+
+# 5. Checkpoints: resume bitwise at the same world size; a whole state across world sizes and strategies.
 if PHASE == "save":
     model, agent = make(hva.ZeRO(stage=2), "adam")
     train(agent, 3)

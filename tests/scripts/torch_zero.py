@@ -191,16 +191,43 @@ for stage in (1, 2):
            bytes=agent.optimizer_state_bytes())
     agent.close()
 
-# 4. Uneven data: rank 1 closes after 2 steps; the others' next step is refused, naming why.
-for stage in (1, 2):
-    model, opt, agent = make(hva.ZeRO(stage=stage), "adam")
-    outcome = "no error"
-    try:
-        train(model, opt, agent, 2 if ctx.rank == 1 else 3)
-    except Exception as err:  # noqa: BLE001 - reported
-        outcome = f"{type(err).__name__}: {err}"
+# 4. Uneven data: rank r has 3 + r batches, then closes; the others go on (a learning-rate
+#    schedule they alone step, clipping by the global norm). Sync run the same way is the
+#    reference: its parameters, runner state and (longest rank's) Adam state after close.
+def uneven(strategy):
+    model, opt, agent = make(strategy, "adam")
+    schedule = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.7)
+    for s in range(3 + ctx.rank):
+        opt.zero_grad()
+        backward(model, s)
+        agent.clip_grad_norm_(0.05)
+        opt.step()
+        schedule.step()
     agent.close()
-    report(f"uneven:stage{stage}", outcomes=hvd.allgather_object(outcome))
+    if agent._sharded is None:
+        state = opt.state_dict()["state"]
+    else:
+        state = agent._sharded.state_dict(0)  # collective: the ranges gathered (close kept them)
+        state = state["state"] if state is not None else None
+    return model, agent.runner_state.to_dict(), state
+
+
+def state_vector(state):
+    return np.concatenate([torch.as_tensor(t, dtype=torch.float64).reshape(-1).numpy()
+                           for _, st in sorted(state.items()) for _, t in sorted(st.items())])
+
+
+model, sync_runner, sync_state = uneven(hva.Sync())
+sync_params = flat(model)
+for stage in (1, 2):
+    model, runner, state = uneven(hva.ZeRO(stage=stage))
+    gathered = hvd.allgather_object((float(np.abs(flat(model) - sync_params).max()), runner))
+    found = {"max_abs": max(g[0] for g in gathered), "runners": [g[1] for g in gathered],
+             "sync_runner": sync_runner, "identical": identical(model)}
+    if ctx.is_root:
+        found["state_max_abs"] = float(np.abs(state_vector(state) - state_vector(sync_state)).max())
+        found["steps"] = sorted({float(st["step"]) for st in state.values()})
+    report(f"uneven:stage{stage}", **found)
 
 # 5. Checkpoints: resume bitwise at the same world size; a whole state across world sizes and strategies.
 if PHASE == "save":
