@@ -21,6 +21,18 @@ Gloo controller; Horovod's elastic mode has no MPI launch), the training loop ru
     train(state)
     agent.close()
 
+A ``KerasAgent`` trains the same way, its step being :meth:`~hvdagents.KerasAgent.train_on_batch`
+(Keras' compiled train step on this rank's share, then the strategy's step)::
+
+    agent = hva.KerasAgent(model, strategy=hva.Sync())   # model compiled and built
+    state = hva.elastic.State(agent, epoch=0, position=0)
+    ...     # the same train(state), with agent.train_on_batch(x[indices], y[indices]) as the step
+
+It is built on ``horovod.tensorflow``'s primitives and ``horovod.common.elastic``, not on
+``horovod.tensorflow.keras.elastic`` (which does not run under Keras 3). ``agent.fit`` is not
+elastic: Keras' loop cannot resume an epoch at a sample position nor re-shard its data for a new
+world; an epoch of ``fit`` between commits would be redone whole after a lost worker.
+
 What happens when (Horovod's rules, which :func:`run` keeps):
 
 - a worker dies (SIGKILL, a lost host): the collective in flight fails on the survivors with
@@ -37,7 +49,8 @@ What happens when (Horovod's rules, which :func:`run` keeps):
   ... at least M Horovod processes".
 
 After a reset, :func:`hvdagents.context` (and ``agent.context``) hold the new rank and size,
-the strategy's runner is rebound to the new world (``Sync``'s gradient reducer is made again),
+the strategy's runner is rebound to the new world (``Sync``'s gradient reducer is made again;
+with ``KerasAgent`` the compiled train step is traced again),
 and the callbacks given to :meth:`State.register_reset_callbacks` run, before the sync: the place
 to rescale a learning rate with the world size (the user's choice; nothing is rescaled
 otherwise).
@@ -45,19 +58,23 @@ otherwise).
 Refused (:class:`~hvdagents.UsageError` at :class:`State` construction, and at the agent's
 under an elastic launch): the asynchronous strategies (``Downpour``, ``EASGD``, ``Gossip``,
 ``max_staleness``: their MPI windows cannot change size), ``ZeRO`` (each rank holds a part of the
-optimizer's state, which a lost worker takes with it), and ``KerasAgent`` (not yet). Their way to
-survive a lost worker is a checkpoint and a requeue (:mod:`hvdagents.preemption`).
+optimizer's state, which a lost worker takes with it), and ``hierarchical``/``node_period``
+(communicators per node). Their way to survive a lost worker is a checkpoint and a requeue
+(:mod:`hvdagents.preemption`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import numpy as np
 from horovod.common.elastic import State as HorovodState
+from horovod.common.elastic import run_fn
+from horovod.common.exceptions import HorovodInternalError
 
 from .agent import ROOT_RANK, Agent, check_same_model
 from .data import shard_bounds
@@ -89,9 +106,9 @@ def elastic_problem(agent_kind: str, strategy: Strategy) -> Optional[tuple[type,
     """``(error class, message)`` when an agent of ``agent_kind`` with ``strategy`` cannot
     train elastically, else ``None``. Pure."""
     name = type(strategy).__name__
-    if agent_kind != "TorchAgent":
-        return UsageError, (f"hva.elastic supports TorchAgent only; {agent_kind} cannot train under an elastic "
-                            f"launch yet (Horovod's own Keras elastic path does not run under Keras 3). {_INSTEAD}")
+    if agent_kind not in ("TorchAgent", "KerasAgent"):
+        return UsageError, (f"hva.elastic supports TorchAgent and KerasAgent; {agent_kind} cannot train under an "
+                            f"elastic launch. {_INSTEAD}")
     if not strategy.synchronous or getattr(strategy, "max_staleness", None) is not None:
         return UsageError, (f"hva.{name} is asynchronous (MPI one-sided windows, whose world cannot grow or "
                             f"shrink) and cannot train elastically. {_INSTEAD}")
@@ -116,8 +133,9 @@ class _Commit:
 
 
 class State(HorovodState):
-    """What an elastic job keeps to survive a lost worker: the agent's model and optimizer, the
-    strategy's running state (step counters; ``LocalSGD``'s place in its period; ``DiLoCo``'s
+    """What an elastic job keeps to survive a lost worker: the agent's model and optimizer (Keras:
+    the weights and every optimizer variable, its iteration counter included), the strategy's
+    running state (step counters; ``LocalSGD``'s place in its period; ``DiLoCo``'s
     θ_global and outer momentum), and the user's values, given as keywords and read and written
     as attributes (``State(agent, epoch=0, position=0)``; ``state.epoch += 1``).
 
@@ -137,7 +155,8 @@ class State(HorovodState):
 
     def __init__(self, agent: Agent, **values: Any) -> None:
         if not isinstance(agent, Agent):
-            raise TypeError(f"hva.elastic.State takes an agent (hva.TorchAgent); got {type(agent).__name__}")
+            raise TypeError(f"hva.elastic.State takes an agent (hva.TorchAgent, hva.KerasAgent); "
+                            f"got {type(agent).__name__}")
         refused = elastic_problem(type(agent).__name__, agent.strategy)
         if refused is not None:
             raise refused[0](refused[1])
@@ -172,7 +191,8 @@ class State(HorovodState):
         ``HostsUpdatedInterrupt`` on every rank alike when the world must change (handled by
         :func:`run`). Its cost is a copy of the model and the optimizer's state in memory and
         that broadcast (measured in the README's "Elastic training")."""
-        super().commit()
+        with _lost_peer_errors(self.agent):
+            super().commit()
 
     def save(self) -> None:
         """Local: copy the model's and optimizer's state, the strategy's state and the user's
@@ -211,6 +231,10 @@ class State(HorovodState):
         as the agent's resume from a checkpoint does (Horovod's broadcasts), the strategy's
         counters, the user's values and the runner's snapshot as one object, and the runner's
         shared state is set through its own collective restore (``DiLoCo``: exact)."""
+        with _lost_peer_errors(self.agent):
+            self._sync()
+
+    def _sync(self) -> None:
         agent = self.agent
         gathered = agent._allgather_object((agent._signature(), self._synced), name="hvdagents.elastic.start")
         check_same_model([signature for signature, _ in gathered])
@@ -235,7 +259,7 @@ class State(HorovodState):
         size, and the strategy's runner is rebound to the new world."""
         from .runtime import refresh_from_horovod
 
-        self.agent.context = refresh_from_horovod("torch")
+        self.agent.context = refresh_from_horovod(_framework(self.agent))
         self.agent._runner.rebind(self.agent)
 
     def _broadcast_object(self, obj: Any) -> Any:
@@ -245,7 +269,9 @@ class State(HorovodState):
 
 def run(train: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: ``run(train)(state, *args, **kwargs)`` calls ``train(state, ...)`` under
-    Horovod's elastic loop (``horovod.torch.elastic.run``) and returns what it returns.
+    Horovod's elastic loop (``horovod.common.elastic.run_fn`` with the reset of the agent's
+    binding, as ``horovod.torch.elastic.run`` and ``horovod.tensorflow.elastic.run`` make it)
+    and returns what it returns.
 
     Before the first call, and after every reset, :meth:`State.sync` gives every rank rank 0's
     commit. A lost worker (``HorovodInternalError`` in a collective): every survivor restores its
@@ -256,19 +282,61 @@ def run(train: Callable[..., Any]) -> Callable[..., Any]:
     collective may run between the agent's construction and the call (a joining worker would
     meet the others' sync).
 
-    A worker lost during :meth:`~hvdagents.Agent.close` (after ``run`` returned) ends the job."""
-    from horovod.torch.elastic import run as horovod_run
+    ``KerasAgent``: Horovod's TensorFlow ops fail with TensorFlow's errors; every such error that
+    a Horovod op raised in ``train``, :meth:`State.commit` or :meth:`State.sync` is turned into
+    ``HorovodInternalError`` here (``horovod.tensorflow.elastic.run`` does it for three op names
+    only, not the grouped all-reduce of ``Sync``'s train step, and drops the other errors).
 
-    elastic_train = horovod_run(train)
+    A worker lost during :meth:`~hvdagents.Agent.close` (after ``run`` returned) ends the job."""
 
     @functools.wraps(train)
     def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
         if not isinstance(state, State):
             raise TypeError(f"hva.elastic.run: the first argument must be an hva.elastic.State; "
                             f"got {type(state).__name__}")
-        return elastic_train(state, *args, **kwargs)
+        framework = _framework(state.agent)
+        binding = state.agent._hvd
+
+        def reset() -> None:  # Horovod's elastic reset: restart the binding on the new world
+            binding.shutdown()
+            binding.init()
+
+        def converted(state: State, *args: Any, **kwargs: Any) -> Any:
+            with _lost_peer_errors(state.agent):
+                return train(state, *args, **kwargs)
+
+        return run_fn(converted if framework == "tensorflow" else train, reset)(state, *args, **kwargs)
 
     return wrapper
+
+
+def _framework(agent: Agent) -> str:
+    """``"torch"`` or ``"tensorflow"``: the Horovod binding ``agent`` communicates through. Pure."""
+    return "tensorflow" if agent._hvd is not None and agent._hvd.__name__.startswith("horovod.tensorflow") \
+        else "torch"
+
+
+def _from_horovod(err: BaseException) -> bool:
+    """Whether a TensorFlow error was raised by one of Horovod's ops (their type names start
+    with ``Horovod``; a lost peer fails them with "Horovod has been shut down" or Gloo's error). Pure."""
+    return "Horovod" in str(err)
+
+
+@contextlib.contextmanager
+def _lost_peer_errors(agent: Agent) -> Iterator[None]:
+    """``KerasAgent``: a TensorFlow error raised by a Horovod op becomes ``HorovodInternalError``
+    (what Horovod's elastic loop recovers from); ``TorchAgent``'s binding raises it itself."""
+    if _framework(agent) != "tensorflow":
+        yield
+        return
+    import tensorflow as tf
+
+    try:
+        yield
+    except tf.errors.OpError as err:
+        if _from_horovod(err):
+            raise HorovodInternalError(err) from err
+        raise
 
 
 @functools.lru_cache(maxsize=4)

@@ -77,11 +77,14 @@ def test_what_cannot_be_elastic_is_refused_naming_the_way_out(strategy):
     assert type(strategy).__name__ in message and "checkpoint and requeue" in message
 
 
-def test_max_staleness_and_keras_are_refused():
+def test_max_staleness_is_refused_and_keras_is_not():
     kind, message = elastic_problem("TorchAgent", hva.Downpour(max_staleness=2))
     assert "asynchronous" in message and "checkpoint and requeue" in message
-    kind, message = elastic_problem("KerasAgent", hva.Sync())
-    assert "TorchAgent only" in message and "KerasAgent" in message and "checkpoint and requeue" in message
+    assert elastic_problem("KerasAgent", hva.Sync()) is None and elastic_problem("KerasAgent", hva.LocalSGD()) is None
+    kind, message = elastic_problem("KerasAgent", hva.ZeRO())
+    assert "ZeRO" in message and "checkpoint and requeue" in message
+    kind, message = elastic_problem("JaxAgent", hva.Sync())
+    assert "TorchAgent and KerasAgent" in message and "JaxAgent" in message
 
 
 def make(strategy=None, seed=0):
@@ -187,3 +190,83 @@ def test_under_an_elastic_launch_steps_before_run_are_refused(monkeypatch):
     with pytest.raises(hva.UsageError, match="checkpoint and requeue"):
         hva.TorchAgent(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1),
                        strategy=hva.ZeRO())
+
+
+def keras_agent(strategy, seed=0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5, activation="relu"), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.Adam(0.05), loss="mse")
+    return hva.KerasAgent(model, strategy=strategy)
+
+
+def keras_step(agent, seed):
+    rng = np.random.default_rng(seed)
+    agent.train_on_batch(rng.standard_normal((8, 6)).astype("float32"), rng.standard_normal((8, 2)).astype("float32"))
+
+
+def keras_snapshot(agent):
+    """Weights and every optimizer variable (Adam's moments, its iteration counter)."""
+    return [np.array(v.numpy()) for v in [*agent.model.weights, *agent.model.optimizer.variables]]
+
+
+def keras_same(a, b):
+    return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("strategy", [hva.Sync(), hva.LocalSGD(period=3),
+                                      hva.DiLoCo(inner_steps=2, outer_momentum=0.5)])
+def test_keras_restore_and_sync_put_back_the_last_commit(strategy):
+    agent = keras_agent(strategy)
+    state = hva.elastic.State(agent, epoch=0, position=0)
+    for s in range(3):
+        keras_step(agent, s)
+    state.epoch, state.position = 1, 24
+    state.commit()
+    committed, counters = keras_snapshot(agent), agent.runner_state.to_dict()
+    assert counters["step"] == 3 and int(agent.model.optimizer.iterations.numpy()) == 3
+    for attempt in range(2):  # twice: the second restore must not see what the steps after the first changed
+        for s in range(4):
+            keras_step(agent, 10 + s)
+        state.epoch, state.position = 7, 99
+        assert not keras_same(keras_snapshot(agent), committed)
+        state.restore()
+        assert keras_same(keras_snapshot(agent), committed), attempt
+        assert agent.runner_state.to_dict() == counters and (state.epoch, state.position) == (1, 24)
+    keras_step(agent, 20)
+    state.sync()  # in a world of one: rank 0 takes its own commit back
+    assert keras_same(keras_snapshot(agent), committed) and agent.runner_state.to_dict() == counters
+    agent.close()
+
+
+def test_keras_run_trains_inside_after_the_sync():
+    agent = keras_agent(hva.Sync())
+    state = hva.elastic.State(agent, epoch=3)
+
+    @hva.elastic.run
+    def train(state, extra):
+        keras_step(agent, 0)
+        state.epoch += extra
+        state.commit()
+        return state.epoch
+
+    assert train(state, 2) == 5 and agent.runner_state.step == 1
+    agent.close()
+
+
+def test_keras_horovod_op_errors_become_horovods_internal_error():
+    import tensorflow as tf
+    from horovod.common.exceptions import HorovodInternalError
+
+    from hvdagents.elastic import _lost_peer_errors
+
+    agent = keras_agent(hva.Sync())
+    lost = tf.errors.UnknownError(None, None, "Horovod has been shut down. [[{{node HorovodGroupedAllreduce_x}}]]")
+    with pytest.raises(HorovodInternalError):
+        with _lost_peer_errors(agent):
+            raise lost
+    with pytest.raises(tf.errors.InvalidArgumentError):  # the user's own error stays what it is
+        with _lost_peer_errors(agent):
+            raise tf.errors.InvalidArgumentError(None, None, "Incompatible shapes: [8,2] vs. [8,3]")
+    agent.close()

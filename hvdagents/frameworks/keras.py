@@ -38,8 +38,18 @@ class _KeepWrapper:
     """What :meth:`KerasAgent.average_gradients` returns: closing keeps the distributed
     optimizer in the model (a closed agent's model still trains, averaged, if fit again)."""
 
+    def __init__(self, model: keras.Model | None = None) -> None:
+        self._model = model
+
     def close(self) -> None:
         return None
+
+    def rebind(self) -> None:
+        """Local: Horovod was restarted on a new world (an elastic reset): the compiled train
+        step is traced again (it read the world's size when traced; Horovod's average reads
+        it at run time under an elastic launch)."""
+        if self._model is not None and self._model.train_function is not None:
+            self._model.make_train_function(force=True)
 
 
 def _argument_problem(model: Any) -> Problem:
@@ -79,13 +89,15 @@ class KerasAgent(Agent):
         variables = model.trainable_variables
         wide = {np.dtype(v.dtype).itemsize > 4 for v in variables}
         self._dtype = np.dtype(np.float64 if True in wide else np.float32)
-        check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
+        if not self._elastic:  # elastic: at the state's sync, where a joining worker meets the others
+            check_same_model(self._allgather_object(self._signature(), name="hvdagents.signature"))
         model.jit_compile = False
         if model.train_function is not None:
             model.make_train_function(force=True)
         if not model.optimizer.built and not isinstance(self.strategy, ZeRO):  # ZeRO builds ranges only
             model.optimizer.build(variables)
-        self._broadcast_state()
+        if not self._elastic:
+            self._broadcast_state()
         self._start_strategy()
 
     def _broadcast_state(self, root: int = ROOT_RANK) -> None:
@@ -127,7 +139,7 @@ class KerasAgent(Agent):
         self.model.optimizer.build(self.model.trainable_variables)
         if self.model.train_function is not None:
             self.model.make_train_function(force=True)
-        return _KeepWrapper()
+        return _KeepWrapper(self.model)
 
     def shard_optimizer(self, strategy: ZeRO) -> Any:
         """Collective from then on: ``model.optimizer`` becomes ZeRO's wrapper (see
@@ -190,6 +202,19 @@ class KerasAgent(Agent):
         return self.model.fit(
             x, y, callbacks=[*added, *callbacks], verbose=verbose if self.context.is_root else 0, **kwargs
         )
+
+    def train_on_batch(self, x: Any, y: Any = None, **kwargs: Any) -> Any:
+        """One step of a custom loop: ``model.train_on_batch(x, y, **kwargs)`` on this rank's
+        batch, then the strategy's step (``LocalSGD``'s periodic average, the step counters
+        that checkpoints and :mod:`hvdagents.elastic` keep). Returns what Keras returns.
+
+        Collective with ``Sync`` (the train step averages the gradients: every rank calls it
+        the same number of times) and, every ``period`` calls, with ``LocalSGD``/``DiLoCo``.
+        The loop of :func:`hvdagents.elastic.run` with a ``KerasAgent`` is made of these."""
+        self._check_open()
+        out = self.model.train_on_batch(x, y, **kwargs)
+        self._after_local_step()
+        return out
 
     def _even_out(self, x: Any, y: Any, kwargs: dict) -> tuple[Any, Any, dict]:
         """Collective: lengthen a short shard to the longest (see :meth:`fit`)."""
