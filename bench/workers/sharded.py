@@ -14,7 +14,10 @@ steps per second after warm-up. Rank 0 prints every rank's figures.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
+import socket
+import subprocess
 import time
 
 import torch
@@ -37,6 +40,24 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if torch.is_tensor(t))
 
 
+def gloo_interface() -> None:
+    """Across hosts (``MASTER_ADDR`` not loopback), name for gloo the interface that reaches
+    it (``GLOO_SOCKET_IFNAME``): by default gloo binds to the address of the host's name,
+    which on the simulated hosts is not the one the other host can reach."""
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    if address.startswith("127.") or "GLOO_SOCKET_IFNAME" in os.environ:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((address, 9))
+        local = s.getsockname()[0]
+    listing = subprocess.run(["ip", "-o", "-4", "addr", "show"], capture_output=True, text=True, timeout=30).stdout
+    for line in listing.splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[3].split("/")[0] == local:
+            os.environ["GLOO_SOCKET_IFNAME"] = fields[1].split("@")[0]
+            return
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--part", choices=["memory", "speed"], required=True)
@@ -57,6 +78,7 @@ def main() -> None:
     if args.variant == "zero_ddp":
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
+        gloo_interface()
         init_gloo(comm)
         model = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=LR)
