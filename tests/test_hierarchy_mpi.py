@@ -92,3 +92,46 @@ def test_hierarchy_sends_local_size_times_fewer_bytes_than_every_rank_sending(ev
     print(case, result)
     assert abs(_bytes(result) - result["local_size"]) < 0.2, result
     assert abs(result["flat"] / result["formula_flat"] - 1) < 0.15, result
+
+
+# -- the centre strategies (Downpour, EASGD, AsyncDiLoCo) with hierarchical=True -------------------
+CENTRES = ["downpour", "easgd", "asyncdiloco"]
+
+
+@pytest.mark.parametrize("kind", CENTRES)
+def test_hierarchical_centre_follows_a_one_process_replay_of_the_node_leader_rule(checks, kind):
+    """A linear model, plain SGD, 10 steps, period 3, float64; the hosts take turns at every
+    step, so the run is deterministic; the centre after close() equals a NumPy replay in which
+    each node adds the sum of its ranks' contributions once per exchange and its ranks continue
+    from the new centre (tests/scripts/hierarchy.py: centre_reference)."""
+    result = checks[f"centre_{kind}"]
+    assert result["rel_diff"] < EQUAL, result
+    assert result["moved"] > 0.05 and result["identical"], result
+
+
+@pytest.mark.parametrize("kind", CENTRES + ["downpour_bounded"])
+def test_hierarchical_centre_loses_no_contribution_with_free_running_and_uneven_ranks(checks, kind):
+    """Ranks at their own pace, the last rank stopping early (its node's other rank exchanges on
+    with it): the centre is the start plus every leader's push, and (not staleness-aware, where
+    the leader divides by τ) those pushes add up to every rank's own contribution."""
+    result = checks[f"centre_free_{kind}"]
+    assert result["moved"] > 1e-3 and result["identical"], result
+    assert result["pushes_vs_centre"] < EQUAL, result
+    if kind != "downpour_bounded":
+        assert result["given_vs_pushed"] < EQUAL, result
+    contributions, pushes, leader = zip(*result["counts"])  # per rank
+    assert min(contributions) >= 5, result  # every rank took part
+    assert sum(leader) == 2 and all(p >= 3 if lead else p == 0 for p, lead in zip(pushes, leader)), result
+
+
+@pytest.mark.parametrize("kind", CENTRES)
+def test_hierarchical_centre_sends_local_size_times_fewer_bytes_across_hosts(checks, kind):
+    """One exchange by every rank of a 1,049,600-parameter float64 model: flat, every rank pushes
+    and pulls the whole vector and the half held on the other host crosses (16.8 MB per host);
+    hierarchical, only each host's leader does (8.4 MB per host): local_size = 2 times fewer."""
+    result = checks[f"centre_bytes_{kind}"]
+    print(kind, result)
+    assert result["formula_flat"] == result["local_size"] * result["formula_tree"], result
+    assert 0.98 * result["formula_tree"] <= result["tree"] <= 1.1 * result["formula_tree"], result
+    assert 0.98 * result["formula_flat"] <= result["flat"] <= 1.1 * result["formula_flat"], result
+    assert abs(result["flat"] / result["tree"] - result["local_size"]) < 0.2, result

@@ -1,6 +1,6 @@
 """The node-leader hierarchy in one process: the settings (LocalSGD's two-level period and
-``hierarchical``, DiLoCo's ``hierarchical``), the bytes formula, the two-level schedule and the
-refusals (the multi-rank behaviour: tests/test_hierarchy_mpi.py)."""
+``hierarchical``; DiLoCo's, Downpour's, EASGD's and AsyncDiLoCo's ``hierarchical``), the bytes
+formula, the two-level schedule and the refusals (the multi-rank behaviour: tests/test_hierarchy_mpi.py)."""
 
 from types import SimpleNamespace
 
@@ -22,8 +22,9 @@ BAD = [
     (lambda: hva.LocalSGD(hierarchical=1), TypeError, ["LocalSGD.hierarchical", "bool", "1"]),
     (lambda: hva.LocalSGD(hierarchical="yes"), TypeError, ["LocalSGD.hierarchical", "'yes'"]),
     (lambda: hva.DiLoCo(hierarchical=None), TypeError, ["DiLoCo.hierarchical", "bool", "None"]),
-    (lambda: hva.Downpour(hierarchical=True), TypeError, ["hierarchical"]),
-    (lambda: hva.EASGD(hierarchical=True), TypeError, ["hierarchical"]),
+    (lambda: hva.Downpour(hierarchical=1), TypeError, ["Downpour.hierarchical", "bool", "1"]),
+    (lambda: hva.EASGD(hierarchical="yes"), TypeError, ["EASGD.hierarchical", "bool", "'yes'"]),
+    (lambda: hva.AsyncDiLoCo(hierarchical=None), TypeError, ["AsyncDiLoCo.hierarchical", "bool", "None"]),
 ]
 
 
@@ -40,6 +41,8 @@ def test_good_settings_are_kept_and_frozen():
     assert (s.period, s.node_period, s.hierarchical) == (12, 4, True)
     assert hva.LocalSGD().node_period is None and hva.LocalSGD().hierarchical is False
     assert hva.DiLoCo(hierarchical=True).hierarchical and not hva.DiLoCo().hierarchical
+    for centre in (hva.Downpour, hva.EASGD, hva.AsyncDiLoCo):  # the centre strategies too
+        assert centre(hierarchical=True).hierarchical and not centre().hierarchical
     with pytest.raises(AttributeError):
         s.hierarchical = False
 

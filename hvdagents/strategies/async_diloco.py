@@ -21,6 +21,11 @@ Where the outer momentum lives, and why it is exact:
   for a checkpoint and :meth:`AsyncDiLoCoExchange.restore` gives each rank its own buffer
   back, bit for bit, beside the centre. Every agent continues from the restored centre: an
   agent's local steps since its last push are not in a checkpoint (as under Downpour).
+
+``hierarchical=True`` (:mod:`~.node_centre`): each rank still steps its own buffer; the ranks
+of a node push the sum of their outer updates (by their leader) and pull the centre together,
+once per node per outer step. Since the step is linear, a node's push equals its ranks' pushes
+made one after the other from the same centre.
 """
 
 from __future__ import annotations
@@ -78,24 +83,34 @@ class AsyncDiLoCoExchange(CentreExchange):
         self._publish_buffer()
         super().seed(params)  # the barrier in it: no rank pushes before every rank is ready
 
-    def _push_outer_step(self, params: ParameterAccess) -> None:
+    def _push_outer_step(self, params: ParameterAccess, *, finished: bool = False) -> bool:
         delta = np.asarray(self._pulled, np.float64) - np.asarray(params.get_flat(), np.float64)
         self._refuse_nonfinite(delta, params, "the pseudo-gradient of the outer step")
         change = np.zeros(self.n, np.float64)
         self._outer.step(change, self.buffer, delta)  # change = −lr·(Δ + μ·b), b stepped in place
         change /= self.size
         self._publish_buffer()
-        self.store.push(change.astype(self.dtype, copy=False))
         self.outer_steps += 1
+        return self._push_centre(change.astype(self.dtype, copy=False), finished=finished)
 
     def exchange(self, params: ParameterAccess) -> None:
         self._push_outer_step(params)
-        self._take_centre(params, self.store.pull())
+        self._take_centre(params, self._pull_centre())
 
     def settle(self, params: ParameterAccess) -> None:
         local = np.asarray(params.get_flat())
-        if not np.array_equal(local, self._pulled):
+        moved = not np.array_equal(local, self._pulled)
+        if self.node is not None:  # the node's exchanges are collective: take part until all finished
+            def idle() -> bool:
+                self._pull_centre()  # the pull of the exchange the node's other ranks are in
+                return self._push_centre(None, finished=True)
+
+            first = (lambda: self._push_outer_step(params, finished=True)) if moved else \
+                (lambda: self._push_centre(None, finished=True))
+            self._settle_node(first, idle)
+        elif moved:
             self._push_outer_step(params)
+        if moved:
             self._pulled = local.copy()  # pushed: settling again pushes nothing
 
     def snapshot(self) -> Optional[np.ndarray]:
@@ -113,10 +128,10 @@ class AsyncDiLoCoExchange(CentreExchange):
             self.seed(params)
             return
         rows = np.asarray(saved, np.float64) if self.rank == 0 else None
-        self.store.init(rows[0].astype(self.dtype) if self.rank == 0 else None)
+        self._init_centre(rows[0].astype(self.dtype) if self.rank == 0 else None)
         self.comm.Scatter(rows[1:] if self.rank == 0 else None, self.buffer, root=0)
         self._publish_buffer()
-        self._take_centre(params, self.store.pull())
+        self._take_centre(params, self._pull_centre())
         self.comm.Barrier()  # every rank holds the restored state before anyone pushes
 
     def close(self) -> None:

@@ -120,6 +120,15 @@ class Downpour(Strategy):
     received since this agent's pull (its own included), so late updates count less (Zhang
     et al. 2016). ``max_staleness``: no agent runs more than this many steps ahead of the
     slowest (Stale Synchronous Parallel); ``None`` for no bound.
+
+    ``hierarchical`` (the same for :class:`EASGD` and :class:`AsyncDiLoCo`;
+    :mod:`~hvdagents.strategies.node_centre`): the centre is sharded over one leader per node
+    (local rank 0), and the ranks of a node exchange together: they sum their pushes inside the
+    node, the leader pushes the sum and pulls the centre, and broadcasts it inside the node. One
+    push and one pull per node cross the network instead of one per rank (local_size times fewer
+    bytes). An exchange becomes collective over the node's ranks: a straggler holds back its
+    own node, not the other nodes; τ (``staleness_aware``) counts node pushes. Needs an MPI
+    world, as every asynchronous strategy.
     """
 
     synchronous = False
@@ -127,11 +136,12 @@ class Downpour(Strategy):
     max_staleness: Optional[int] = None
     normalize: bool = True
     staleness_aware: bool = False
+    hierarchical: bool = False
 
     def __post_init__(self) -> None:
         _check_int("Downpour", "period", self.period, 1)
         _check_staleness("Downpour", self.max_staleness)
-        for field in ("normalize", "staleness_aware"):
+        for field in ("normalize", "staleness_aware", "hierarchical"):
             if not isinstance(getattr(self, field), bool):
                 raise TypeError(f"Downpour.{field} must be a bool; got {getattr(self, field)!r}")
 
@@ -141,14 +151,18 @@ class EASGD(Strategy):
     """Asynchronous elastic averaging SGD (Zhang, Choromanska, LeCun 2015).
 
     Every ``period`` steps: read the centre c, d = alpha (x - c), x -= d, push +d to the centre.
+    ``hierarchical``: as for :class:`Downpour` (the node's ranks read the centre their leader
+    pulled; the leader pushes the sum of their differences).
     """
 
     synchronous = False
     alpha: float = 0.1
     period: int = 4
     max_staleness: Optional[int] = None
+    hierarchical: bool = False
 
     def __post_init__(self) -> None:
+        _check_bool("EASGD", "hierarchical", self.hierarchical)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.floating)):
             raise TypeError(f"EASGD.alpha must be a float; got {self.alpha!r}")
         if not 0.0 < float(self.alpha) < 1.0:
@@ -377,7 +391,8 @@ class AsyncDiLoCo(Strategy):
     Communication per outer step and agent: one push and one pull of the model (one-sided),
     nothing collective. ``close()`` pushes the last pseudo-gradient (when the model moved since
     the last pull) and leaves the centre on every rank. Checkpoints hold the centre and every
-    agent's buffer and resume with the same number of ranks.
+    agent's buffer and resume with the same number of ranks. ``hierarchical``: as for
+    :class:`Downpour` (each rank keeps and steps its own buffer; the node pushes their sum).
     """
 
     synchronous = False
@@ -386,8 +401,10 @@ class AsyncDiLoCo(Strategy):
     outer_momentum: float = 0.9
     nesterov: bool = True
     max_staleness: Optional[int] = None
+    hierarchical: bool = False
 
     def __post_init__(self) -> None:
+        _check_bool("AsyncDiLoCo", "hierarchical", self.hierarchical)
         _check_int("AsyncDiLoCo", "inner_steps", self.inner_steps, 1)
         _check_real("AsyncDiLoCo", "outer_lr", self.outer_lr, lambda v: 0.0 < v <= 10.0, "(0, 10]")
         _check_real("AsyncDiLoCo", "outer_momentum", self.outer_momentum, lambda v: 0.0 <= v < 1.0, "[0, 1)")

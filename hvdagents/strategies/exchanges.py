@@ -2,7 +2,8 @@
 
 An exchange owns its windows and does one strategy's communication; the
 :class:`~.weak.AsyncRunner` decides *when* (every ``period`` steps) and runs the lifecycle.
-Every method says whether it is collective; :meth:`Exchange.exchange` never is.
+Every method says whether it is collective; :meth:`Exchange.exchange` never is over all ranks
+(with ``hierarchical=True``, over the ranks of one node).
 
 - :class:`DownpourExchange` — push the change since the last pull into a centre
   (:class:`~.windows.ParameterWindow`), pull the centre (Dean et al. 2012); optionally each
@@ -13,6 +14,11 @@ Every method says whether it is collective; :meth:`Exchange.exchange` never is.
 - :class:`GossipExchange` — no centre: pairwise averaging that moves both sides (AD-PSGD,
   Lian et al. 2018): each agent's effective model lives in an :class:`~.windows.InboxWindow`
   that peers read and deliver their half of an exchange to.
+
+With ``hierarchical=True`` the centre exchanges (Downpour, EASGD, AsyncDiLoCo) go through a
+:class:`~.node_centre.NodeCentre`: the centre is sharded over one leader per node and the ranks
+of a node exchange together (their contributions summed inside the node, one push and one pull
+per node by its leader), so there :meth:`Exchange.exchange` is collective over the node's ranks.
 
 Nothing non-finite is shared: what an exchange would write (Downpour's change, EASGD's elastic
 difference, Gossip's model) is checked first with one ``np.isfinite`` pass over the flat vector
@@ -25,7 +31,7 @@ every agent and the rest of the run.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -33,6 +39,7 @@ from ..collectives import mean_over_ranks
 from ..errors import NonFiniteError
 from .base import ParameterAccess
 from .config import EASGD, Downpour, Gossip, Strategy
+from .node_centre import NodeCentre
 from .windows import ClockWindow, InboxWindow, ParameterWindow
 
 __all__ = ["Exchange", "CentreExchange", "DownpourExchange", "EASGDExchange", "GossipExchange"]
@@ -72,7 +79,8 @@ class Exchange(ABC):
 
     @abstractmethod
     def exchange(self, params: ParameterAccess) -> None:
-        """One-sided: share this agent's progress and take in the others'."""
+        """One-sided (hierarchical centre: collective over the node's ranks): share this
+        agent's progress and take in the others'."""
 
     def settle(self, params: ParameterAccess) -> None:
         """One-sided: this agent's last contribution, before the final barrier."""
@@ -101,15 +109,62 @@ class Exchange(ABC):
 
 
 class CentreExchange(Exchange):
-    """Downpour and EASGD: a centre vector sharded over the ranks (:class:`ParameterWindow`)."""
+    """Downpour, EASGD and AsyncDiLoCo: a centre vector sharded over the ranks
+    (:class:`ParameterWindow`), or, with ``hierarchical=True``, over one leader per node
+    (:class:`~.node_centre.NodeCentre`: the ranks of a node push their sum and pull together).
 
-    def __init__(self, strategy: Strategy, n: int, dtype: np.dtype, comm: Any) -> None:
+    The centre is reached through :meth:`_pull_centre` and :meth:`_push_centre`: one-sided
+    flat; collective over the node's ranks (blocking) when hierarchical. ``self.store`` is the
+    window (``None`` on a hierarchical rank that is not a leader)."""
+
+    def __init__(self, strategy: Strategy, n: int, dtype: np.dtype, comm: Any, *, clock: bool = False) -> None:
         super().__init__(strategy, n, dtype, comm)
-        self.store = ParameterWindow(self.n, self.dtype, comm=comm)
+        self.node: Optional[NodeCentre] = None
+        self._pushes: Optional[ClockWindow] = None  # pushes into the centre (hierarchical: node pushes)
+        if getattr(strategy, "hierarchical", False):
+            self.node = NodeCentre(self.n, self.dtype, comm=comm, clock=clock)
+            self.store = self.node.store
+            self._pushes = self.node.pushes
+        else:
+            self.store = ParameterWindow(self.n, self.dtype, comm=comm)
+            self._pushes = ClockWindow(comm=comm) if clock else None
+
+    def _init_centre(self, values: Optional[np.ndarray]) -> None:
+        """Collective: the centre becomes rank 0's ``values``."""
+        if self.node is not None:
+            self.node.init(values)
+        else:
+            self.store.init(values)
+
+    def _pull_centre(self) -> np.ndarray:
+        """The centre (a new array): one-sided flat; collective over the node hierarchical."""
+        return self.node.pull() if self.node is not None else self.store.pull()
+
+    def _push_centre(self, delta: Optional[np.ndarray], *, finished: bool = False,
+                     on_leader: Optional[Callable[[np.ndarray], None]] = None) -> bool:
+        """Add ``delta`` to the centre (``None``: nothing). Flat: one-sided, ``on_leader``
+        applied to ``delta`` first; returns True. Hierarchical: the node's sum, pushed by its
+        leader (:meth:`NodeCentre.push`); returns whether every rank of the node finished."""
+        if self.node is not None:
+            return self.node.push(delta, finished=finished, on_leader=on_leader)
+        if delta is not None:
+            if on_leader is not None:
+                on_leader(delta)
+            self.store.push(delta)
+        return True
+
+    def _settle_node(self, first: Callable[[], bool], idle: Callable[[], bool]) -> None:
+        """Hierarchical ``settle``: ``first()`` (this rank's last exchange, marked finished),
+        then ``idle()`` (the same exchange with nothing to add) while another rank of the node
+        still trains: exchanges are collective over the node, so this rank takes part in them
+        until every rank of the node has finished (uneven data)."""
+        done = first()
+        while not done:
+            done = idle()
 
     def seed(self, params: ParameterAccess) -> None:
-        self.store.init(self._flat(params) if self.comm.Get_rank() == 0 else None)
-        centre = self.store.pull()
+        self._init_centre(self._flat(params) if self.comm.Get_rank() == 0 else None)
+        centre = self._pull_centre()
         self.comm.Barrier()  # no rank pushes before every rank has read rank 0's start
         self._take_centre(params, centre)
 
@@ -118,10 +173,10 @@ class CentreExchange(Exchange):
         params.set_flat(centre)
 
     def consensus(self, params: ParameterAccess) -> np.ndarray:
-        return self.store.pull()
+        return self._pull_centre()
 
     def snapshot(self) -> Optional[np.ndarray]:
-        """The centre (one-sided pull: no other rank takes part)."""
+        """The centre (one-sided pull on rank 0, a leader: no other rank takes part)."""
         return self.store.pull()
 
     def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
@@ -130,22 +185,29 @@ class CentreExchange(Exchange):
         if self.comm.bcast(saved is None, root=0):
             self.seed(params)
             return
-        self.store.init(saved if self.comm.Get_rank() == 0 else None)
+        self._init_centre(saved if self.comm.Get_rank() == 0 else None)
 
     def close(self) -> None:
+        if self.node is not None:
+            self.node.close()
+            return
         self.store.close()
+        if self._pushes is not None:
+            self._pushes.close()
 
 
 class DownpourExchange(CentreExchange):
     """Every exchange: push the change since the last pull (divided by ``period`` when
     ``normalize``; by τ when ``staleness_aware``), then pull the centre into the model.
-    ``settle`` pushes the change of the steps since the last exchange, so no work is lost."""
+    ``settle`` pushes the change of the steps since the last exchange, so no work is lost.
+
+    Hierarchical: the ranks of a node push the sum of their changes (each divided by
+    ``period``; the sum by τ, counted in node pushes) and pull the centre together."""
 
     strategy: Downpour
 
     def __init__(self, strategy: Downpour, n: int, dtype: np.dtype, comm: Any) -> None:
-        super().__init__(strategy, n, dtype, comm)
-        self._pushes = ClockWindow(comm=comm) if strategy.staleness_aware else None
+        super().__init__(strategy, n, dtype, comm, clock=strategy.staleness_aware)
         self._version = 0  # pushes the centre had received when this agent last pulled
         self.last_staleness = 1
 
@@ -156,10 +218,10 @@ class DownpourExchange(CentreExchange):
     def _pull(self, params: ParameterAccess) -> None:
         if self._pushes is not None:  # read before the pull: the pull holds at least these
             self._version = int(self._pushes.clocks().sum())
-        self._take_centre(params, self.store.pull())
+        self._take_centre(params, self._pull_centre())
 
     def seed(self, params: ParameterAccess) -> None:
-        self.store.init(self._flat(params) if self.comm.Get_rank() == 0 else None)
+        self._init_centre(self._flat(params) if self.comm.Get_rank() == 0 else None)
         self._pull(params)
         self.comm.Barrier()  # no rank pushes before every rank has read rank 0's start
 
@@ -167,30 +229,36 @@ class DownpourExchange(CentreExchange):
         super().restore(params, saved)
         self._pull(params)
 
-    def _push_change(self, params: ParameterAccess) -> None:
+    def _by_staleness(self, delta: np.ndarray) -> None:
+        """τ: updates the centre received since this agent's (node's) pull, its own included."""
+        self.last_staleness = int(self._pushes.clocks().sum()) - self._version + 1
+        delta /= self.last_staleness
+
+    def _push_change(self, params: ParameterAccess, *, finished: bool = False) -> bool:
         delta = self._flat(params) - self._pulled
         if self.strategy.normalize:
             delta /= self.strategy.period
-        if self._pushes is not None:
-            # τ: updates the centre received since this agent's pull, its own one included
-            self.last_staleness = int(self._pushes.clocks().sum()) - self._version + 1
-            delta /= self.last_staleness
         self._refuse_nonfinite(delta, params, "the change to push into the centre")
-        self.store.push(delta)
-        if self._pushes is not None:
-            self._pushes.tick()
+        done = self._push_centre(delta, finished=finished,
+                                 on_leader=self._by_staleness if self._pushes is not None else None)
+        if self._pushes is not None and self.node is None:
+            self._pushes.tick()  # (hierarchical: the leader ticks once per node push)
+        return done
 
     def exchange(self, params: ParameterAccess) -> None:
         self._push_change(params)
         self._pull(params)
 
     def settle(self, params: ParameterAccess) -> None:
-        self._push_change(params)
+        if self.node is None:
+            self._push_change(params)
+            return
 
-    def close(self) -> None:
-        super().close()
-        if self._pushes is not None:
-            self._pushes.close()
+        def idle() -> bool:
+            self._pull_centre()  # the pull of the exchange the node's other ranks are in
+            return self._push_centre(None, finished=True)
+
+        self._settle_node(lambda: self._push_change(params, finished=True), idle)
 
 
 #: EASGD's centre moves by alpha times the sum of the agents' differences: with p agents its
@@ -199,7 +267,10 @@ EASGD_UNSTABLE_BETA = 2.0
 
 
 class EASGDExchange(CentreExchange):
-    """Every exchange: read the centre c, move ``alpha (x - c)`` from the model to the centre."""
+    """Every exchange: read the centre c, move ``alpha (x - c)`` from the model to the centre.
+
+    Hierarchical: the ranks of a node read the centre their leader pulled, and their leader
+    pushes the sum of their elastic differences."""
 
     strategy: EASGD
 
@@ -216,12 +287,24 @@ class EASGDExchange(CentreExchange):
 
     def exchange(self, params: ParameterAccess) -> None:
         x = self._flat(params)  # a fresh host copy: updated in place
-        elastic = x - self.store.pull()
+        elastic = x - self._pull_centre()
         elastic *= self.strategy.alpha
         self._refuse_nonfinite(elastic, params, "the elastic difference to push into the centre")
         x -= elastic
-        self.store.push(elastic)
+        self._push_centre(elastic)
         params.set_flat(x)
+
+    def settle(self, params: ParameterAccess) -> None:
+        """Flat: nothing. Hierarchical: this rank's node exchanges (a pull, then a push of
+        nothing) until every rank of its node has finished."""
+        if self.node is None:
+            return
+
+        def idle() -> bool:
+            self._pull_centre()
+            return self._push_centre(None, finished=True)
+
+        self._settle_node(idle, idle)
 
 
 class GossipExchange(Exchange):

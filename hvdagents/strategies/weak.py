@@ -2,7 +2,8 @@
 
 Agents never wait for each other during training: every ``period`` local steps each one
 runs its strategy's :class:`~.exchanges.Exchange` (one-sided window operations), at its own
-pace. Only :meth:`AsyncRunner.start`, :meth:`~AsyncRunner.reseed`, :meth:`~AsyncRunner.restore`
+pace (with ``hierarchical=True``, the ranks of one node exchange together:
+:mod:`~.node_centre`). Only :meth:`AsyncRunner.start`, :meth:`~AsyncRunner.reseed`, :meth:`~AsyncRunner.restore`
 and :meth:`~AsyncRunner.finish` are collective. A staleness bound is a separate wrapper
 (:class:`~.staleness.StalenessBound`), added by :func:`~.registry.make_runner`.
 

@@ -1,15 +1,19 @@
 """The node-leader hierarchy on 2 simulated hosts x 2 ranks, every check in one job (RESULT lines
 on rank 0): LocalSGD and DiLoCo with hierarchical=True against the flat versions (float64, torch
 and Keras), LocalSGD's two-level period step by step, and the bytes that leave each host per
-exchange, flat and hierarchical (each host's link counter, read inside the host).
-``--bytes-only``: the bytes checks alone (run again under another MPI all-reduce algorithm)."""
+exchange, flat and hierarchical (each host's link counter, read inside the host); Downpour, EASGD
+and AsyncDiLoCo with hierarchical=True against a replay of the node-leader rule, their pushes
+counted under free-running, uneven ranks, and their bytes across the hosts.
+``--bytes-only``: the bytes checks alone (run again under another MPI all-reduce algorithm);
+``--centre-only``: the checks of Downpour, EASGD and AsyncDiLoCo with ``hierarchical=True`` alone."""
 
 import socket
 import sys
+import time
 
 import numpy as np
 import torch
-from _diloco_reference import D, regression_batches
+from _diloco_reference import D, linear_gradient, regression_batches
 from _report import emit, same_on_every_rank
 
 import hvdagents as hva
@@ -194,11 +198,180 @@ def keras_equalities():
     versus("keras_diloco", flat_result, tree_result, start)
 
 
+# -- the centre strategies, hierarchical: Downpour, EASGD, AsyncDiLoCo ------------------------------
+NODE = sorted(set(HOSTS), key=HOSTS.index).index(HOST)  # hosts numbered by their first rank
+NODE_RANKS = [[r for r in range(SIZE) if HOSTS[r] == h] for h in sorted(set(HOSTS), key=HOSTS.index)]
+CENTRE_LR, CENTRE_STEPS, CENTRE_PERIOD = 0.05, 10, 3
+ALPHA, OUTER_LR, MU = 0.2, 0.7, 0.9
+
+
+def centre_strategy(kind, period=CENTRE_PERIOD, **kw):
+    if kind == "downpour":
+        return hva.Downpour(period=period, hierarchical=True, **kw)
+    if kind == "easgd":
+        return hva.EASGD(alpha=ALPHA, period=period, hierarchical=True, **kw)
+    return hva.AsyncDiLoCo(inner_steps=period, outer_lr=OUTER_LR, outer_momentum=MU, hierarchical=True, **kw)
+
+
+def centre_reference(kind, theta0):
+    """A NumPy replay of the node-leader rule (written from the rule, not with the library):
+    every rank steps plain SGD on a linear model; after every ``CENTRE_PERIOD`` steps node 0,
+    then node 1 exchange (the nodes take turns, as the job does): their ranks' contributions are
+    summed and added to the centre once, and (Downpour, AsyncDiLoCo) every rank of the node
+    continues from the new centre. At the end every rank's last contribution (EASGD: none)."""
+    c = theta0.copy()
+    x = [theta0.copy() for _ in range(SIZE)]
+    pulled = [theta0.copy() for _ in range(SIZE)]
+    b = [np.zeros_like(theta0) for _ in range(SIZE)]
+
+    def contribution(r):
+        if kind == "downpour":
+            return (x[r] - pulled[r]) / CENTRE_PERIOD
+        delta = pulled[r] - x[r]
+        b[r] = MU * b[r] + delta
+        return -OUTER_LR * (delta + MU * b[r]) / SIZE
+
+    for step in range(CENTRE_STEPS):
+        for ranks in NODE_RANKS:
+            for r in ranks:
+                xb, yb = batch(r, step)
+                x[r] = x[r] - CENTRE_LR * linear_gradient(x[r], xb, yb)
+            if (step + 1) % CENTRE_PERIOD:
+                continue
+            if kind == "easgd":
+                elastic = [ALPHA * (x[r] - c) for r in ranks]
+                for r, e in zip(ranks, elastic):
+                    x[r] = x[r] - e
+                c = c + sum(elastic)
+            else:
+                c = c + sum(contribution(r) for r in ranks)
+                for r in ranks:
+                    x[r], pulled[r] = c.copy(), c.copy()
+    if kind != "easgd":
+        c = c + sum(contribution(r) for r in range(SIZE) if not np.array_equal(x[r], pulled[r]))
+    return c
+
+
+def linear_model():
+    torch.manual_seed(4)
+    return torch.nn.Linear(D, 1).double()  # flat: [w, b], the reference's theta
+
+
+def centre_against_reference(kind):
+    """The ranks of a node train together, the nodes take turns at every step (deterministic);
+    ``close()`` on every rank at once (its last pushes are sums: the order only rounds)."""
+    model = linear_model()
+    theta0 = flat(model)
+    agent = hva.TorchAgent(model, torch.optim.SGD(model.parameters(), lr=CENTRE_LR), strategy=centre_strategy(kind))
+    for s in range(CENTRE_STEPS):
+        for turn in range(NODES):
+            if turn == NODE:
+                sgd_step(model, agent.optimizer, s)
+            comm.Barrier()
+    agent.close()
+    found = flat(model)
+    expected = centre_reference(kind, theta0)
+    report(f"centre_{kind}", rel_diff=float(np.max(np.abs(found - expected)) / np.max(np.abs(expected))),
+           moved=float(np.max(np.abs(found - theta0))), identical=same_on_every_rank(comm, found))
+
+
+def centre_no_lost_push(kind, **kw):
+    """Ranks at their own pace (rank 1 slower), the last rank stopping after 11 steps of 16 (its
+    node's other rank exchanges on with it); every rank's contribution and every leader's push
+    recorded: the final centre is the start plus the leaders' pushes, which add up to the ranks'
+    contributions (no contribution lost inside a node, no push lost in the centre)."""
+    model = mlp(5)
+    agent = hva.TorchAgent(model, torch.optim.SGD(model.parameters(), lr=0.05), strategy=centre_strategy(kind, 2, **kw))
+    start = flat(model)
+    runner = agent._runner
+    exchange = getattr(runner, "inner", runner).exchange
+    given, pushed, counts = np.zeros_like(start), np.zeros_like(start), [0, 0]
+    node_push, store = exchange.node.push, exchange.store
+
+    def recording_node_push(contribution, **options):
+        nonlocal given
+        if contribution is not None:
+            given = given + contribution
+            counts[0] += 1
+        return node_push(contribution, **options)
+
+    exchange.node.push = recording_node_push
+    if store is not None:
+        store_push = store.push
+
+        def recording_store_push(delta):
+            nonlocal pushed
+            pushed = pushed + delta
+            counts[1] += 1
+            store_push(delta)
+
+        store.push = recording_store_push
+    steps = 11 if RANK == SIZE - 1 else 16
+    for s in range(steps):
+        sgd_step(model, agent.optimizer, s % 10)
+        if RANK == 1:
+            time.sleep(0.002)
+    agent.close()
+    final = flat(model)
+    total_given, total_pushed = np.zeros_like(start), np.zeros_like(start)
+    comm.Reduce(given, total_given, root=0)
+    comm.Reduce(pushed, total_pushed, root=0)
+    counts = comm.gather([*counts, int(exchange.node.is_leader)], root=0)
+    scale = np.max(np.abs(final - start))
+    report(f"centre_free_{kind}" + ("_bounded" if kw else ""), moved=float(scale), counts=counts,
+           identical=same_on_every_rank(comm, final),
+           pushes_vs_centre=float(np.max(np.abs(start + total_pushed - final)) / scale),
+           given_vs_pushed=float(np.max(np.abs(total_given - total_pushed)) / scale))
+
+
+def centre_step_bytes(strategy):
+    """Bytes across the hosts while every rank makes one step (one exchange) of the wide model."""
+    torch.manual_seed(3)
+    model = torch.nn.Linear(WIDE, WIDE).double()
+    agent = hva.TorchAgent(model, torch.optim.SGD(model.parameters(), lr=0.01), strategy=strategy)
+    x = torch.randn(4, WIDE, dtype=torch.float64, generator=torch.Generator().manual_seed(RANK))
+
+    def step():
+        agent.optimizer.zero_grad()
+        model(x).square().mean().backward()
+        agent.optimizer.step()
+
+    step()  # the first exchange (the relay's connections are made)
+    sent = min(across_hosts(step) for _ in range(2))
+    agent.close()
+    return sent
+
+
+def centre_bytes(kind):
+    """Bytes across the hosts while every rank makes one exchange of the 1,049,600-parameter
+    float64 model, flat and hierarchical (one push and one pull of the centre per rank, or per
+    node)."""
+    make = {"downpour": lambda tree: hva.Downpour(period=1, hierarchical=tree),
+            "easgd": lambda tree: hva.EASGD(alpha=ALPHA, period=1, hierarchical=tree),
+            "asyncdiloco": lambda tree: hva.AsyncDiLoCo(inner_steps=1, hierarchical=tree)}[kind]
+    flat_bytes, tree_bytes = (centre_step_bytes(make(tree)) for tree in (False, True))
+    n = WIDE * WIDE + WIDE
+    report(f"centre_bytes_{kind}", flat=flat_bytes, tree=tree_bytes, elements=n, itemsize=8, nodes=NODES,
+           local_size=LOCAL, formula_flat=NODES * cross_node_bytes(n, 8, NODES, LOCAL, hierarchical=False),
+           formula_tree=NODES * cross_node_bytes(n, 8, NODES, LOCAL, hierarchical=True))
+
+
+def centre_checks():
+    for kind in ("downpour", "easgd", "asyncdiloco"):
+        centre_against_reference(kind)
+        centre_no_lost_push(kind)
+        centre_bytes(kind)
+    centre_no_lost_push("downpour", staleness_aware=True, max_staleness=3)
+
+
 if "--bytes-only" in sys.argv:  # the bytes checks alone (run again under another all-reduce algorithm)
     bytes_checks()
+elif "--centre-only" in sys.argv:  # the centre strategies' checks alone (to work on them)
+    centre_checks()
 else:
     equalities()
     two_level()
     bytes_checks()
     keras_equalities()
+    centre_checks()
 report("done")
