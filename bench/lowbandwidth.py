@@ -39,6 +39,7 @@ CONFIGS = {
         ("DiLoCo H=50", ["--strategy", "diloco", "--inner-steps", "50"]),
         ("Streaming DiLoCo H=50 P=5", ["--strategy", "diloco", "--inner-steps", "50", "--fragments", "5",
                                        "--overlap", "2"]),
+        ("Async DiLoCo H=10", ["--strategy", "asyncdiloco", "--inner-steps", "10"]),
         ("Downpour period=10", ["--strategy", "downpour", "--inner-steps", "10"]),
     ],
     True: [
@@ -46,10 +47,17 @@ CONFIGS = {
         ("DiLoCo H=3", ["--strategy", "diloco", "--inner-steps", "3"]),
         ("Streaming DiLoCo H=6 P=2", ["--strategy", "diloco", "--inner-steps", "6", "--fragments", "2",
                                       "--overlap", "1"]),
+        ("Async DiLoCo H=3", ["--strategy", "asyncdiloco", "--inner-steps", "3"]),
     ],
 }
-#: Strategies whose settings take ``hierarchical`` (node-leader aggregation); each also runs so.
-HIERARCHICAL: set[str] = set()
+#: Labels (of the runs above) that also run with ``hierarchical=True`` (node-leader aggregation:
+#: one rank per host sends across), right after the flat one. Quick: one all-reduce strategy and
+#: one centre strategy, so that both kinds of hierarchy are smoke-tested.
+HIERARCHICAL = {
+    False: {"LocalSGD H=10", "DiLoCo H=10", "DiLoCo H=50", "Streaming DiLoCo H=50 P=5", "Async DiLoCo H=10",
+            "Downpour period=10"},
+    True: {"DiLoCo H=3", "Async DiLoCo H=3"},
+}
 TIMEOUT_S = {False: 1200, True: 180}
 #: Issue 25's goals at 100 Mbit/s.
 TIME_GOAL, QUALITY_GOAL = 0.3, 0.02
@@ -59,7 +67,7 @@ def _configs(quick: bool) -> list[tuple[str, list[str]]]:
     out = []
     for label, args in CONFIGS[quick]:
         out.append((label, args))
-        if args[1] in HIERARCHICAL:
+        if label in HIERARCHICAL[quick]:
             out.append((f"{label}, hierarchical", [*args, "--hierarchical"]))
     return out
 

@@ -98,6 +98,8 @@ def strategy_from(args: argparse.Namespace):
         return hva.LocalSGD(period=args.inner_steps, **hier)
     if args.strategy == "diloco":
         return hva.DiLoCo(inner_steps=args.inner_steps, fragments=args.fragments, overlap=args.overlap, **hier)
+    if args.strategy == "asyncdiloco":
+        return hva.AsyncDiLoCo(inner_steps=args.inner_steps, **hier)
     if args.strategy == "downpour":
         return hva.Downpour(period=args.inner_steps, **hier)
     raise SystemExit(f"unknown strategy {args.strategy!r}")
