@@ -37,7 +37,8 @@ What happens when (Horovod's rules, which :func:`run` keeps):
 
 - a worker dies (SIGKILL, a lost host): the collective in flight fails on the survivors with
   ``HorovodInternalError``; each one puts back its last commit (:meth:`State.restore`), Horovod
-  is restarted on the survivors (its driver blacklists the failed worker's host), and after
+  is restarted on the survivors (its driver blacklists the failed worker's host: for the rest of
+  the job, unless horovodrun was given ``--blacklist-cooldown-range``), and after
   :meth:`State.sync` every rank holds rank 0's commit: training continues from there with N−1
   workers. Steps since the last commit are done again.
 - a host appears in the discovery script's output: Horovod's driver tells rank 0, and at the

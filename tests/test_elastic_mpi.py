@@ -8,14 +8,18 @@ worker needs a host of its own for the job to survive losing one. The discovery 
 file that the job's rank 0 rewrites to add slots (at a step chosen in advance, so the test does
 not race the training)."""
 
+import os
+import shutil
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from test_runtime_mpi import HOROVODRUN, horovodrun_results
 
-from mpirun import SCRIPTS, run_command
+from mpirun import SCRIPTS, job_env, run_command
 
 #: Each elastic job's hard limit, in seconds.
 JOB_TIMEOUT = 150
@@ -147,3 +151,83 @@ def test_below_min_np_the_job_ends_with_a_clear_message(names, tmp_path):
     assert "Timed out waiting for" in job.output and "at least 2 Horovod processes" in job.output, job.output[-3000:]
     assert time.monotonic() - started < 90
 
+
+#: The interface name every simulated host's link gets for this test: horovodrun tells every
+#: worker one interface (HOROVOD_GLOO_IFACE, from --network-interface), so every host needs it
+#: under the same name, as eth0 on real nodes.
+COMMON_INTERFACE = "eth0"
+
+#: Across hosts: rank 1 (the worker on node2) is killed before step 7 of epoch 1 and its host
+#: leaves the discovery script's output with it; rank 0 lists node2 again before step 3 of epoch 2.
+HOSTS_KILL = (1, 7, 1)
+HOSTS_BACK_AT = (2, 3)
+
+
+@pytest.fixture
+def elastic_hosts():
+    """Two simulated hosts of this test's own (their links renamed to COMMON_INTERFACE, which
+    the session's shared hosts must not be)."""
+    from multihost import SimulatedHosts, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with SimulatedHosts(2) as hosts:
+        # Gloo looks its own host name up: every host resolves node1, node2 (ip netns exec
+        # mounts /etc/netns/<namespace>/hosts over /etc/hosts, as DNS would on real nodes)
+        names = "".join(f"{a} {n}\n" for a, n in zip(hosts.addresses, hosts.names))
+        made = [Path("/etc/netns") / ns for ns in hosts.namespaces]
+        try:
+            for ns, (host_end, _), where in zip(hosts.namespaces, hosts.links, made):
+                link = ["ip", "-n", ns, "link", "set", "dev"]
+                for args in ([host_end, "down"], [host_end, "name", COMMON_INTERFACE], [COMMON_INTERFACE, "up"]):
+                    subprocess.run([*link, *args], check=True, capture_output=True, timeout=30)
+                where.mkdir(parents=True)
+                (where / "hosts").write_text(f"127.0.0.1 localhost\n{names}")
+            hosts.links = [(COMMON_INTERFACE, switch_end) for _, switch_end in hosts.links]
+            yield hosts
+        finally:
+            for where in made:
+                shutil.rmtree(where, ignore_errors=True)
+
+
+def test_across_simulated_hosts_a_lost_host_comes_back(elastic_hosts, tmp_path):
+    """horovodrun runs on node1 and starts node2's worker through 'ssh', here a script on PATH
+    that enters node2's network namespace (what ssh does on a real node): launcher plumbing,
+    Horovod's driver, rendezvous and Gloo run unchanged over TCP between the hosts."""
+    hosts = elastic_hosts
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ssh = bin_dir / "ssh"
+    ssh.write_text(  # ssh [-o opt]... host [-p port] [-i file] command: the command on the host
+        "#!/bin/sh\nwhile [ $# -gt 0 ]; do case \"$1\" in -o|-p|-i) shift 2;; -*) shift;; *) break;; esac; done\n"
+        f'host=$1; shift\nwhile [ $# -gt 0 ]; do case "$1" in -o|-p|-i) shift 2;; *) break;; esac; done\n'
+        f'exec {hosts.agent} "$host" "$@"\n')
+    ssh.chmod(0o755)
+    node1, node2 = hosts.addresses
+    hosts_file = tmp_path / "hosts"
+    hosts_file.write_text(f"{node1}:1\n{node2}:1\n")
+    discover = tmp_path / "discover.sh"
+    discover.write_text(f"#!/bin/sh\ncat {hosts_file}\n")
+    discover.chmod(0o755)
+    (tmp_path / "marks").mkdir()
+    command = [HOROVODRUN, "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
+               "--host-discovery-script", str(discover), "--network-interface", COMMON_INTERFACE,
+               "--elastic-timeout", str(ELASTIC_TIMEOUT_S), "--blacklist-cooldown-range", "1", "2",
+               sys.executable, str(SCRIPTS / "elastic_digits.py"), "--epochs", "4",
+               "--hosts-file", str(hosts_file), "--marks", str(tmp_path / "marks"),
+               "--commit-every", str(COMMIT_EVERY), "--kill", ":".join(map(str, HOSTS_KILL)),
+               "--lose-hosts", f"{node1}:1", "--grow", f"{HOSTS_BACK_AT[0]}:{HOSTS_BACK_AT[1]}:{node1}:1,{node2}:1"]
+    path = f"{bin_dir}{os.pathsep}{job_env()['PATH']}"
+    job = hosts.run(command, timeout=JOB_TIMEOUT, env={"PATH": path})
+    found = horovodrun_results(job)
+    # node1's worker survived; node2's was killed and a new one started there when it came back
+    assert [(r["rank"], r["host"], r["size"]) for r in found] == [(0, "node1", 2), (1, "node2", 2)], found
+    survivor, joined = found
+    assert survivor["sizes"][:2] == [2, 1] and survivor["sizes"][-1] == 2, survivor
+    assert joined["sizes"] == [2] and joined["resets"] == 0, joined
+    assert survivor["redone"] == HOSTS_KILL[1] - COMMIT_EVERY
+    assert survivor["hash"] == joined["hash"] and survivor["epoch"] == joined["epoch"] == 4
+    assert survivor["accuracy"] >= ACCURACY_FLOOR
+    print(f"\nacross hosts: recovery {survivor['recovery_s']:.1f} s, job {job.seconds:.0f} s, "
+          f"accuracy {survivor['accuracy']:.3f}")
