@@ -157,9 +157,10 @@ def test_below_min_np_the_job_ends_with_a_clear_message(names, tmp_path):
 #: under the same name, as eth0 on real nodes.
 COMMON_INTERFACE = "eth0"
 
-#: Across hosts: rank 1 (the worker on node2) is killed before step 7 of epoch 1 and its host
-#: leaves the discovery script's output with it; rank 0 lists node2 again before step 3 of epoch 2.
-HOSTS_KILL = (1, 7, 1)
+#: Across hosts: the worker on node2 is killed before step 7 of epoch 1 and its host leaves the
+#: discovery script's output with it; rank 0 lists node2 again before step 3 of epoch 2. (By host,
+#: not by rank: Horovod's elastic driver does not always give node1's worker rank 0.)
+HOSTS_KILL = (1, 7, "node2")
 HOSTS_BACK_AT = (2, 3)
 
 
@@ -191,7 +192,8 @@ def elastic_hosts():
                 shutil.rmtree(where, ignore_errors=True)
 
 
-def test_across_simulated_hosts_a_lost_host_comes_back(elastic_hosts, tmp_path):
+@pytest.mark.parametrize("framework", ["torch", "keras"])
+def test_across_simulated_hosts_a_lost_host_comes_back(elastic_hosts, tmp_path, framework):
     """horovodrun runs on node1 and starts node2's worker through 'ssh', here a script on PATH
     that enters node2's network namespace (what ssh does on a real node): launcher plumbing,
     Horovod's driver, rendezvous and Gloo run unchanged over TCP between the hosts."""
@@ -214,7 +216,7 @@ def test_across_simulated_hosts_a_lost_host_comes_back(elastic_hosts, tmp_path):
     command = [HOROVODRUN, "--gloo", "-np", "2", "--min-np", "1", "--max-np", "2",
                "--host-discovery-script", str(discover), "--network-interface", COMMON_INTERFACE,
                "--elastic-timeout", str(ELASTIC_TIMEOUT_S), "--blacklist-cooldown-range", "1", "2",
-               sys.executable, str(SCRIPTS / "elastic_digits.py"), "--epochs", "4",
+               sys.executable, str(SCRIPTS / "elastic_digits.py"), "--framework", framework, "--epochs", "4",
                "--hosts-file", str(hosts_file), "--marks", str(tmp_path / "marks"),
                "--commit-every", str(COMMIT_EVERY), "--kill", ":".join(map(str, HOSTS_KILL)),
                "--lose-hosts", f"{node1}:1", "--grow", f"{HOSTS_BACK_AT[0]}:{HOSTS_BACK_AT[1]}:{node1}:1,{node2}:1"]
@@ -222,12 +224,15 @@ def test_across_simulated_hosts_a_lost_host_comes_back(elastic_hosts, tmp_path):
     job = hosts.run(command, timeout=JOB_TIMEOUT, env={"PATH": path})
     found = horovodrun_results(job)
     # node1's worker survived; node2's was killed and a new one started there when it came back
-    assert [(r["rank"], r["host"], r["size"]) for r in found] == [(0, "node1", 2), (1, "node2", 2)], found
-    survivor, joined = found
+    # (Horovod may give rank 0 to either after the reset: they are told apart by host)
+    assert sorted((r["rank"], r["size"]) for r in found) == [(0, 2), (1, 2)], found
+    by_host = {r["host"]: r for r in found}
+    assert sorted(by_host) == ["node1", "node2"], found
+    survivor, joined = by_host["node1"], by_host["node2"]
     assert survivor["sizes"][:2] == [2, 1] and survivor["sizes"][-1] == 2, survivor
     assert joined["sizes"] == [2] and joined["resets"] == 0, joined
     assert survivor["redone"] == HOSTS_KILL[1] - COMMIT_EVERY
     assert survivor["hash"] == joined["hash"] and survivor["epoch"] == joined["epoch"] == 4
     assert survivor["accuracy"] >= ACCURACY_FLOOR
-    print(f"\nacross hosts: recovery {survivor['recovery_s']:.1f} s, job {job.seconds:.0f} s, "
+    print(f"\nacross hosts ({framework}): recovery {survivor['recovery_s']:.1f} s, job {job.seconds:.0f} s, "
           f"accuracy {survivor['accuracy']:.3f}")

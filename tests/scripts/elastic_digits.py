@@ -4,8 +4,9 @@ Every rank trains an MLP (Adam) with hva.elastic.run and hva.elastic.State(agent
 position), committing every --commit-every steps and at the end of each epoch: a TorchAgent
 (--framework torch: forward, backward, optimizer.step()) or a KerasAgent (--framework keras:
 agent.train_on_batch, the Keras custom loop). Failure injection:
---kill E:B:R makes the worker of rank R SIGKILL itself before step B of epoch E (once per job: a
-mark file in --marks keeps the survivor that takes rank R afterwards from doing it again).
+--kill E:B:R makes the worker of rank R (or, where R is a host name, the worker on that host)
+SIGKILL itself before step B of epoch E (once per job: a mark file in --marks keeps the survivor
+that takes rank R afterwards from doing it again).
 --lose-hosts HOSTS: the killed worker first makes the discovery script print HOSTS (its host lost
 with it). --grow E:B:HOSTS makes rank 0 rewrite the discovery script's hosts file there with HOSTS
 ("host:slots,host:slots", once), then wait for Horovod's driver to see it (it polls every
@@ -129,7 +130,7 @@ agent = net.agent(strategies[args.strategy])
 state = hva.elastic.State(agent, epoch=0, batch=0, position=0)
 
 marks = Path(args.marks) if args.marks else None
-kill = tuple(int(v) for v in args.kill.split(":")) if args.kill else None
+kill = tuple(int(v) if v.isdigit() else v for v in args.kill.split(":")) if args.kill else None
 grow = args.grow.split(":", 2) if args.grow else None
 log = {"sizes": [], "resets": 0, "executed": 0, "recovery_s": None, "after_reset": False}
 
@@ -146,7 +147,8 @@ state.register_reset_callbacks([on_reset])
 def at_step(epoch, batch):
     """Failure injection and host changes, before the step (epoch, batch)."""
     rank = hva.context().rank
-    if kill and (epoch, batch) == kill[:2] and rank == kill[2] and not (marks / "killed").exists():
+    victim = kill and (epoch, batch) == kill[:2] and kill[2] in (rank, socket.gethostname())
+    if victim and not (marks / "killed").exists():
         if args.lose_hosts:  # the host goes with its worker: the discovery script stops listing it
             write_hosts(args.lose_hosts)
         (marks / "killed").write_text(repr(time.time()))
