@@ -354,17 +354,7 @@ class GradientAllreducer:
         if totals[-2].item() != active * checksum or totals[-1].item() != active * checksum * checksum:
             self._in_flight.clear()
             raise self._mismatch(names)
-        try:
-            for name, count in zip(names, totals[1:-2].tolist()):
-                flight = self._in_flight.pop(name)
-                if len(flight.handles) == 2:
-                    self._finish_sparse(name, flight, active)
-                else:
-                    self._finish_dense(flight, active)
-                if count == 0:  # no rank had a gradient: the optimizer leaves the parameter alone
-                    self._tracked[name].grad = None
-        finally:
-            self._drain()  # what is left (a parameter dropped from the set, or after an error)
+        self._finish_all(names, totals, active)
 
     # -- a rank that left serving the others (ZeRO, see torch_sharded.ShardedOptimizer.serve) ---
     def serve(self) -> str:
@@ -387,6 +377,12 @@ class GradientAllreducer:
         for name, p in self._tracked.items():
             p.grad = self._empty_sparse(p) if id(p) in self._sparse else torch.zeros_like(p)
             self._start(name, p.grad)
+        self._finish_all(names, totals, active)
+        return "pass"
+
+    def _finish_all(self, names: list[str], totals: torch.Tensor, active: float) -> None:
+        """Wait for every gradient all-reduce in flight and leave each mean in ``.grad``;
+        ``totals[1:-2]`` counts, per parameter, the ranks that had a gradient."""
         try:
             for name, count in zip(names, totals[1:-2].tolist()):
                 flight = self._in_flight.pop(name)
@@ -394,11 +390,10 @@ class GradientAllreducer:
                     self._finish_sparse(name, flight, active)
                 else:
                     self._finish_dense(flight, active)
-                if count == 0:
+                if count == 0:  # no rank had a gradient: the optimizer leaves the parameter alone
                     self._tracked[name].grad = None
         finally:
-            self._drain()
-        return "pass"
+            self._drain()  # what is left (a parameter dropped from the set, or after an error)
 
     def announce(self) -> None:
         """Collective over every rank, on the ranks still training once one has left (ZeRO):
