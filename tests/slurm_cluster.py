@@ -16,6 +16,7 @@ Use as a context manager, or from a shell for poking around::
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -79,10 +80,33 @@ def install_slurm(timeout: float = INSTALL_TIMEOUT) -> tuple[bool, str]:
     return True, ""
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _ephemeral_ports() -> range:
+    """The ports the kernel hands out for bind(0) and outgoing connections."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def _free_port(taken: Sequence[int] = ()) -> int:
+    """A port free here and outside the kernel's ephemeral range. A port from bind(0) is
+    ephemeral: on a simulated host (its own network namespace) another job's socket could hold
+    it by the time slurmd binds it there ("Unable to bind listen port ... Address already in
+    use" failed a two-node start once); ports below that range are only ever taken on purpose."""
+    ephemeral = _ephemeral_ports()
+    rng = random.Random()
+    for _ in range(1000):
+        port = rng.randrange(20000, 32000)
+        if port in ephemeral or port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise SlurmUnavailable("no free port between 20000 and 32000 outside the ephemeral range")
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -248,8 +272,8 @@ class SlurmCluster:
             "\n".join([
                 "ClusterName=hvatest",
                 f"SlurmctldHost={control}({control_address})",
-                f"SlurmctldPort={_free_port()}",
-                f"SlurmdPort={_free_port()}",
+                f"SlurmctldPort={(controller_port := _free_port())}",
+                f"SlurmdPort={_free_port(taken=[controller_port])}",
                 "SlurmUser=root",
                 "SlurmdUser=root",
                 "AuthType=auth/munge",
