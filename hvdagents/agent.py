@@ -303,8 +303,10 @@ class Agent(ABC):
         atomically and durably: a temporary file, fsync, a rename, fsync of the directory (a
         crash at any point leaves the previous checkpoint or this one, whole). Other ranks
         return at once; not collective. With an asynchronous strategy rank 0 saves its own
-        model and, for Downpour and EASGD, the centre (pulled one-sidedly), which
-        :meth:`load_checkpoint` puts back; ``close()`` first for the consensus.
+        model and, for Downpour, EASGD and AsyncDiLoCo (flat or ``hierarchical``), the centre
+        (pulled one-sidedly; AsyncDiLoCo: every rank's outer momentum buffer too, read from
+        its window), which :meth:`load_checkpoint` puts back; ``close()`` first for the
+        consensus.
 
         ``extra`` values must load without running code: None, bool, int, float, str, lists,
         tuples and dicts of them, and tensors (``TorchAgent``: what ``torch.load(...,
