@@ -133,7 +133,9 @@ def across_hosts(step):
 WIDE = 1024  # a Linear(1024, 1024) in float64: 1,049,600 parameters, 8.4 MB
 
 
-def wide_step_bytes(strategy):
+def wide_agent(strategy):
+    """The wide float64 model under ``strategy`` (same start on every rank, this rank's own
+    data), and one training step of it."""
     torch.manual_seed(3)
     model = torch.nn.Linear(WIDE, WIDE).double()
     agent = hva.TorchAgent(model, torch.optim.SGD(model.parameters(), lr=0.01), strategy=strategy)
@@ -144,6 +146,12 @@ def wide_step_bytes(strategy):
         model(x).square().mean().backward()
         agent.optimizer.step()
 
+    return agent, step
+
+
+def wide_step_bytes(strategy):
+    agent, step = wide_agent(strategy)
+
     def counter():
         summer = agent._runner._summer
         return summer.hierarchy.sent_across_nodes if summer is not None else 0
@@ -153,7 +161,7 @@ def wide_step_bytes(strategy):
     measured = [across_hosts(step) for _ in range(2)]
     counted = (counter() - before) // 2  # per exchange
     agent.close()
-    n = sum(p.numel() for p in model.parameters())
+    n = sum(p.numel() for p in agent.model.parameters())
     return min(measured), n, max(comm.allgather(counted))
 
 
@@ -326,15 +334,7 @@ def centre_no_lost_push(kind, **kw):
 
 def centre_step_bytes(strategy):
     """Bytes across the hosts while every rank makes one step (one exchange) of the wide model."""
-    torch.manual_seed(3)
-    model = torch.nn.Linear(WIDE, WIDE).double()
-    agent = hva.TorchAgent(model, torch.optim.SGD(model.parameters(), lr=0.01), strategy=strategy)
-    x = torch.randn(4, WIDE, dtype=torch.float64, generator=torch.Generator().manual_seed(RANK))
-
-    def step():
-        agent.optimizer.zero_grad()
-        model(x).square().mean().backward()
-        agent.optimizer.step()
+    agent, step = wide_agent(strategy)
 
     step()  # the first exchange (the relay's connections are made)
     sent = min(across_hosts(step) for _ in range(2))
