@@ -109,11 +109,12 @@ def test_hierarchical_centre_follows_a_one_process_replay_of_the_node_leader_rul
     assert result["moved"] > 0.05 and result["identical"], result
 
 
-@pytest.mark.parametrize("kind", CENTRES + ["downpour_bounded"])
+@pytest.mark.parametrize("kind", CENTRES + ["downpour_bounded"] + [f"keras_{kind}" for kind in CENTRES])
 def test_hierarchical_centre_loses_no_contribution_with_free_running_and_uneven_ranks(checks, kind):
     """Ranks at their own pace, the last rank stopping early (its node's other rank exchanges on
     with it): the centre is the start plus every leader's push, and (not staleness-aware, where
-    the leader divides by τ) those pushes add up to every rank's own contribution."""
+    the leader divides by τ) those pushes add up to every rank's own contribution. ``keras_*``:
+    the same with KerasAgent and ``agent.fit`` (14 batches, the last rank 11, period 2)."""
     result = checks[f"centre_free_{kind}"]
     assert result["moved"] > 1e-3 and result["identical"], result
     assert result["pushes_vs_centre"] < EQUAL, result
@@ -122,6 +123,28 @@ def test_hierarchical_centre_loses_no_contribution_with_free_running_and_uneven_
     contributions, pushes, leader = zip(*result["counts"])  # per rank
     assert min(contributions) >= 5, result  # every rank took part
     assert sum(leader) == 2 and all(p >= 3 if lead else p == 0 for p, lead in zip(pushes, leader)), result
+
+
+@pytest.mark.parametrize("kind", CENTRES)
+def test_hierarchical_centre_resumes_from_a_checkpoint_bit_for_bit(checks, kind):
+    """Linear model, plain SGD, the hosts taking turns: 5 steps (period 3: the save falls between
+    two exchanges), ``save_checkpoint``, a new agent from another seed loads it. Bit for bit: the
+    centre and (AsyncDiLoCo) every rank's momentum row in rank 0's snapshot, every rank's model
+    (the centre; EASGD: rank 0's saved model), every rank's own buffer, the step count. Then 5
+    more steps: the same bits on every rank as the saved run itself going on from its checkpoint
+    (loaded in place); after ``close()``, 1e-12 from it and from the NumPy replay with that resume
+    (not bits: the two hosts' last pushes land in either order, and float sums round by order;
+    this comparison, bitwise, failed 1 run of 2). The run that never stopped cannot be matched
+    bit for bit: a checkpoint keeps rank 0's model only, as without the hierarchy."""
+    result = checks[f"centre_resume_{kind}"]
+    every = [True] * (2 * SLOTS)
+    assert result["extra"] == {"step": 5}, result
+    assert result["shared_back"] is True and result["centre_moved"] > 1e-3, result
+    assert result["models_back"] == every and result["steps_back"] == every, result
+    if kind == "asyncdiloco":
+        assert result["buffers_back"] == every and result["buffer_moved"] > 1e-3, result
+    assert result["as_went_on"] == every and result["identical"], result
+    assert result["closed_diff"] < EQUAL and result["replay_diff"] < EQUAL, result
 
 
 @pytest.mark.parametrize("kind", CENTRES)

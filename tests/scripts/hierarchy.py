@@ -5,10 +5,14 @@ exchange, flat and hierarchical (each host's link counter, read inside the host)
 and AsyncDiLoCo with hierarchical=True against a replay of the node-leader rule, their pushes
 counted under free-running, uneven ranks, and their bytes across the hosts.
 ``--bytes-only``: the bytes checks alone (run again under another MPI all-reduce algorithm);
-``--centre-only``: the checks of Downpour, EASGD and AsyncDiLoCo with ``hierarchical=True`` alone."""
+``--centre-only``: the checks of Downpour, EASGD and AsyncDiLoCo with ``hierarchical=True`` alone
+(their checkpoint resume and their KerasAgent runs included)."""
 
+import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -221,12 +225,15 @@ def centre_strategy(kind, period=CENTRE_PERIOD, **kw):
     return hva.AsyncDiLoCo(inner_steps=period, outer_lr=OUTER_LR, outer_momentum=MU, hierarchical=True, **kw)
 
 
-def centre_reference(kind, theta0):
+def centre_reference(kind, theta0, steps=CENTRE_STEPS, resume_at=None):
     """A NumPy replay of the node-leader rule (written from the rule, not with the library):
     every rank steps plain SGD on a linear model; after every ``CENTRE_PERIOD`` steps node 0,
     then node 1 exchange (the nodes take turns, as the job does): their ranks' contributions are
     summed and added to the centre once, and (Downpour, AsyncDiLoCo) every rank of the node
-    continues from the new centre. At the end every rank's last contribution (EASGD: none)."""
+    continues from the new centre. At the end every rank's last contribution (EASGD: none).
+    ``resume_at``: after that many steps, a checkpoint's resume as documented: every rank
+    continues from the centre (EASGD: from rank 0's model), each keeps its own momentum buffer
+    (AsyncDiLoCo), the step count goes on (the same exchange steps)."""
     c = theta0.copy()
     x = [theta0.copy() for _ in range(SIZE)]
     pulled = [theta0.copy() for _ in range(SIZE)]
@@ -239,7 +246,10 @@ def centre_reference(kind, theta0):
         b[r] = MU * b[r] + delta
         return -OUTER_LR * (delta + MU * b[r]) / SIZE
 
-    for step in range(CENTRE_STEPS):
+    for step in range(steps):
+        if step == resume_at:
+            x = [(x[0] if kind == "easgd" else c).copy() for _ in range(SIZE)]
+            pulled = [c.copy() for _ in range(SIZE)]
         for ranks in NODE_RANKS:
             for r in ranks:
                 xb, yb = batch(r, step)
@@ -260,9 +270,19 @@ def centre_reference(kind, theta0):
     return c
 
 
-def linear_model():
-    torch.manual_seed(4)
+def linear_model(seed=4):
+    torch.manual_seed(seed)
     return torch.nn.Linear(D, 1).double()  # flat: [w, b], the reference's theta
+
+
+def in_turns(model, agent, first, count):
+    """Steps ``first`` to ``first + count - 1``, the nodes taking turns at every step (the ranks
+    of a node train together): deterministic."""
+    for s in range(first, first + count):
+        for turn in range(NODES):
+            if turn == NODE:
+                sgd_step(model, agent.optimizer, s)
+            comm.Barrier()
 
 
 def centre_against_reference(kind):
@@ -271,16 +291,52 @@ def centre_against_reference(kind):
     model = linear_model()
     theta0 = flat(model)
     agent = hva.TorchAgent(model, torch.optim.SGD(model.parameters(), lr=CENTRE_LR), strategy=centre_strategy(kind))
-    for s in range(CENTRE_STEPS):
-        for turn in range(NODES):
-            if turn == NODE:
-                sgd_step(model, agent.optimizer, s)
-            comm.Barrier()
+    in_turns(model, agent, 0, CENTRE_STEPS)
     agent.close()
     found = flat(model)
     expected = centre_reference(kind, theta0)
     report(f"centre_{kind}", rel_diff=float(np.max(np.abs(found - expected)) / np.max(np.abs(expected))),
            moved=float(np.max(np.abs(found - theta0))), identical=same_on_every_rank(comm, found))
+
+
+class PushRecorder:
+    """Records on the side every contribution this rank gives its node (``NodeCentre.push``)
+    and every push its leader makes into the centre (the store's ``push``)."""
+
+    def __init__(self, agent, n):
+        runner = agent._runner
+        self.exchange = getattr(runner, "inner", runner).exchange
+        self.given, self.pushed, self.counts = np.zeros(n), np.zeros(n), [0, 0]
+        node_push, store = self.exchange.node.push, self.exchange.store
+
+        def recording_node_push(contribution, **options):
+            if contribution is not None:
+                self.given = self.given + contribution
+                self.counts[0] += 1
+            return node_push(contribution, **options)
+
+        self.exchange.node.push = recording_node_push
+        if store is not None:
+            store_push = store.push
+
+            def recording_store_push(delta):
+                self.pushed = self.pushed + delta
+                self.counts[1] += 1
+                store_push(delta)
+
+            store.push = recording_store_push
+
+    def report(self, check, start, final):
+        """Collective: the final centre against the start plus every leader's push, those pushes
+        against every rank's contribution, the counts per rank, whether the ranks agree."""
+        total_given, total_pushed = np.zeros_like(start), np.zeros_like(start)
+        comm.Reduce(self.given, total_given, root=0)
+        comm.Reduce(self.pushed, total_pushed, root=0)
+        counts = comm.gather([*self.counts, int(self.exchange.node.is_leader)], root=0)
+        scale = np.max(np.abs(final - start))
+        report(check, moved=float(scale), counts=counts, identical=same_on_every_rank(comm, final),
+               pushes_vs_centre=float(np.max(np.abs(start + total_pushed - final)) / scale),
+               given_vs_pushed=float(np.max(np.abs(total_given - total_pushed)) / scale))
 
 
 def centre_no_lost_push(kind, **kw):
@@ -291,45 +347,92 @@ def centre_no_lost_push(kind, **kw):
     model = mlp(5)
     agent = hva.TorchAgent(model, torch.optim.SGD(model.parameters(), lr=0.05), strategy=centre_strategy(kind, 2, **kw))
     start = flat(model)
-    runner = agent._runner
-    exchange = getattr(runner, "inner", runner).exchange
-    given, pushed, counts = np.zeros_like(start), np.zeros_like(start), [0, 0]
-    node_push, store = exchange.node.push, exchange.store
-
-    def recording_node_push(contribution, **options):
-        nonlocal given
-        if contribution is not None:
-            given = given + contribution
-            counts[0] += 1
-        return node_push(contribution, **options)
-
-    exchange.node.push = recording_node_push
-    if store is not None:
-        store_push = store.push
-
-        def recording_store_push(delta):
-            nonlocal pushed
-            pushed = pushed + delta
-            counts[1] += 1
-            store_push(delta)
-
-        store.push = recording_store_push
+    recorder = PushRecorder(agent, start.size)
     steps = 11 if RANK == SIZE - 1 else 16
     for s in range(steps):
         sgd_step(model, agent.optimizer, s % 10)
         if RANK == 1:
             time.sleep(0.002)
     agent.close()
-    final = flat(model)
-    total_given, total_pushed = np.zeros_like(start), np.zeros_like(start)
-    comm.Reduce(given, total_given, root=0)
-    comm.Reduce(pushed, total_pushed, root=0)
-    counts = comm.gather([*counts, int(exchange.node.is_leader)], root=0)
-    scale = np.max(np.abs(final - start))
-    report(f"centre_free_{kind}" + ("_bounded" if kw else ""), moved=float(scale), counts=counts,
-           identical=same_on_every_rank(comm, final),
-           pushes_vs_centre=float(np.max(np.abs(start + total_pushed - final)) / scale),
-           given_vs_pushed=float(np.max(np.abs(total_given - total_pushed)) / scale))
+    recorder.report(f"centre_free_{kind}" + ("_bounded" if kw else ""), start, flat(model))
+
+
+def keras_centre_no_lost_push(kind):
+    """KerasAgent (float64) with a hierarchical centre, period 2: ``agent.fit`` at every rank's own
+    pace, the last rank on 11 batches, the others on 14; recorded as :func:`centre_no_lost_push`."""
+    import keras
+
+    keras.config.set_floatx("float64")
+    keras.utils.set_random_seed(6)
+    model = keras.Sequential([keras.Input((D,), dtype="float64"), keras.layers.Dense(12, activation="tanh"),
+                              keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    agent = hva.KerasAgent(model, strategy=centre_strategy(kind, 2))
+    start = agent.flat_parameters()
+    recorder = PushRecorder(agent, start.size)
+    steps = 11 if RANK == SIZE - 1 else 14
+    x, y = (np.concatenate([batch(RANK, s)[i] for s in range(steps)]) for i in (0, 1))
+    agent.fit(x, y, batch_size=len(x) // steps, epochs=1, shuffle=False, verbose=0)
+    agent.close()
+    recorder.report(f"centre_free_keras_{kind}", start, agent.flat_parameters())
+
+
+# -- the centre strategies, hierarchical: a checkpoint and its resume -------------------------------
+RESUME_K = 5  # steps before the save (not a multiple of the period: it falls between two exchanges) and after
+
+
+def centre_resume(kind, directory):
+    """Linear model, plain SGD, the hosts taking turns: ``RESUME_K`` steps, ``save_checkpoint``;
+    then (the run that goes on) the same agent loads it in place, and (the resumed run) a new
+    agent from another seed loads it; each ``RESUME_K`` more steps and ``close()``. Bit for bit
+    after the new agent's load: the centre and (AsyncDiLoCo) every momentum row, as rank 0's
+    snapshot reads them, every rank's model (the centre; EASGD: rank 0's saved model), every
+    rank's own buffer, the step count; after the 5 more steps (before ``close()``) every rank's
+    model against the run that went on; after ``close()`` (1e-12: both hosts push their last
+    change at once, and the order of two float sums rounds) against the run that went on and
+    the replay with the resume (``centre_reference``)."""
+    def new_agent(seed):
+        model = linear_model(seed)
+        optimizer = torch.optim.SGD(model.parameters(), lr=CENTRE_LR)
+        return model, hva.TorchAgent(model, optimizer, strategy=centre_strategy(kind))
+
+    model, agent = new_agent(4)
+    theta0 = flat(model)
+    in_turns(model, agent, 0, RESUME_K)
+    path = os.path.join(directory, f"{kind}.pt")
+    agent.save_checkpoint(path, step=RESUME_K)
+    saved_shared = agent._runner.snapshot() if RANK == 0 else None  # nothing moved since the save
+    saved_model0 = comm.bcast(flat(model) if RANK == 0 else None, root=0)
+    saved_buffer = agent._runner.exchange.buffer.copy() if kind == "asyncdiloco" else np.zeros(1)
+    agent.load_checkpoint(path)  # the run that goes on, from its checkpoint
+    in_turns(model, agent, RESUME_K, RESUME_K)
+    went_on_before = flat(model)
+    agent.close()
+    went_on = flat(model)
+
+    model, agent = new_agent(9)  # another start: everything must come from the file
+    extra = agent.load_checkpoint(path)
+    shared_back = bool(np.array_equal(agent._runner.snapshot(), saved_shared)) if RANK == 0 else None
+    centre = comm.bcast(None if RANK else saved_shared[0] if kind == "asyncdiloco" else saved_shared, root=0)
+    model_back = bool(np.array_equal(flat(model), saved_model0 if kind == "easgd" else centre))
+    buffer_back = bool(np.array_equal(agent._runner.exchange.buffer, saved_buffer)) if kind == "asyncdiloco" \
+        else None
+    step_back = agent.runner_state.step == RESUME_K
+    in_turns(model, agent, RESUME_K, RESUME_K)
+    before_close = flat(model)
+    agent.close()
+    resumed = flat(model)
+    expected = centre_reference(kind, theta0, 2 * RESUME_K, resume_at=RESUME_K)
+    identical = same_on_every_rank(comm, resumed)
+    per_rank = comm.gather([model_back, buffer_back, step_back, bool(np.array_equal(before_close, went_on_before)),
+                            float(np.max(np.abs(saved_buffer)))], root=0)
+    if RANK == 0:
+        report(f"centre_resume_{kind}", extra=extra, shared_back=shared_back, identical=identical,
+               models_back=[p[0] for p in per_rank], buffers_back=[p[1] for p in per_rank],
+               steps_back=[p[2] for p in per_rank], as_went_on=[p[3] for p in per_rank],
+               buffer_moved=min(p[4] for p in per_rank), centre_moved=float(np.max(np.abs(centre - theta0))),
+               closed_diff=float(np.max(np.abs(resumed - went_on)) / np.max(np.abs(went_on))),
+               replay_diff=float(np.max(np.abs(resumed - expected)) / np.max(np.abs(expected))))
 
 
 def centre_step_bytes(strategy):
@@ -362,6 +465,14 @@ def centre_checks():
         centre_no_lost_push(kind)
         centre_bytes(kind)
     centre_no_lost_push("downpour", staleness_aware=True, max_staleness=3)
+    directory = comm.bcast(tempfile.mkdtemp(prefix="hva-hierarchy-") if RANK == 0 else None, root=0)
+    for kind in ("downpour", "easgd", "asyncdiloco"):
+        centre_resume(kind, directory)
+    comm.Barrier()
+    if RANK == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    for kind in ("downpour", "easgd", "asyncdiloco"):
+        keras_centre_no_lost_push(kind)
 
 
 if "--bytes-only" in sys.argv:  # the bytes checks alone (run again under another all-reduce algorithm)
