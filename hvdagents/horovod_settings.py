@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import MutableMapping, Optional
+from typing import Any, MutableMapping, Optional
 
 __all__ = ["HOROVOD_DEFAULTS", "Setting", "defaults", "cores_per_rank", "requested", "apply", "in_force"]
 
@@ -76,16 +76,24 @@ def requested(*, timeline: Optional[str | os.PathLike] = None, autotune: Optiona
 
     Explicit arguments are the user's choice: they override the environment when applied."""
     if timeline is not None:
-        if not str(timeline):
-            raise ValueError("timeline must be a file path; got an empty string")
-        _requests["HOROVOD_TIMELINE"] = os.fspath(timeline)
+        _requests["HOROVOD_TIMELINE"] = _file_path("timeline", timeline)
     if autotune is not None:
         if not isinstance(autotune, bool):
             raise TypeError(f"autotune must be True or False; got {autotune!r}")
         _requests["HOROVOD_AUTOTUNE"] = "1" if autotune else "0"
     if autotune_log is not None:
-        _requests["HOROVOD_AUTOTUNE_LOG"] = os.fspath(autotune_log)
+        _requests["HOROVOD_AUTOTUNE_LOG"] = _file_path("autotune_log", autotune_log)
     return dict(_requests)
+
+
+def _file_path(name: str, value: Any) -> str:
+    """``value`` as a file path, or a ``TypeError``/``ValueError`` naming the argument."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike); got {type(value).__name__} {value!r}")
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{name} must be a file path; got {path!r}")
+    return path
 
 
 def apply(cores: float, env: Optional[MutableMapping[str, str]] = None) -> dict[str, str]:

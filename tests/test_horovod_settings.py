@@ -60,6 +60,11 @@ def test_requests_are_checked():
         hs.requested(autotune="yes")
     with pytest.raises(ValueError, match="timeline must be a file path"):
         hs.requested(timeline="")
+    with pytest.raises(TypeError, match="timeline must be a file path .*got int 5"):
+        hs.requested(timeline=5)
+    with pytest.raises(TypeError, match="autotune_log must be a file path .*got bytes"):
+        hs.requested(autotune_log=b"/tmp/log.csv")
+    assert "HOROVOD_TIMELINE" not in hs.requested()  # a refused request records nothing
 
 
 @pytest.mark.parametrize("mode", ["timeline", "autotune"])
