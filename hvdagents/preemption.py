@@ -37,7 +37,7 @@ import threading
 from types import FrameType
 from typing import Any, Sequence
 
-from .errors import ClosedError, LauncherError, UsageError
+from .errors import ClosedError, UsageError
 
 __all__ = ["PreemptionFlag", "REQUEUE_EXIT_CODE"]
 
@@ -141,14 +141,10 @@ class PreemptionFlag:
     def _comm_or_world(self) -> Any:
         if self._comm is not None:
             return self._comm
-        from .runtime import init
+        from .runtime import init, no_mpi_world
 
         ctx = init()
         if ctx.size > 1 and not ctx.mpi_world:
-            raise LauncherError(
-                "PreemptionFlag agrees through MPI, but this job was started by "
-                "'horovodrun --gloo' and has no MPI world. Launch with srun --mpi=pmix, "
-                "mpirun or 'horovodrun --mpi'."
-            )
+            raise no_mpi_world("PreemptionFlag agrees through MPI")
         self._comm = ctx.comm
         return self._comm

@@ -30,6 +30,7 @@ __all__ = [
     "is_initialized",
     "detect_launcher",
     "check_launch",
+    "no_mpi_world",
     "horovod_binding",
     "pin_gpu",
     "abort",
@@ -182,6 +183,18 @@ def check_launch(env: Mapping[str, str], mpi_size: int | None) -> None:
             f"Horovod's environment says {hvd_size} ranks but MPI sees {mpi_size}: "
             "the job was started by two launchers at once; use one."
         )
+
+
+def no_mpi_world(needs: str, otherwise: str | None = None) -> LauncherError:
+    """The :class:`~hvdagents.errors.LauncherError` for a launch without an MPI world
+    (``horovodrun --gloo``), for the caller to raise: ``needs`` says what needs MPI and for
+    what, ``otherwise`` what works under Gloo instead (if anything). The fix it names, the
+    launchers that make an MPI world, is the same for everything that needs one."""
+    fix = "Launch with mpirun, srun --mpi=pmix, or horovodrun without --gloo"
+    return LauncherError(
+        f"{needs}, and this job was started by 'horovodrun --gloo', which has no MPI world "
+        f"(MPI sees a world of one). {fix}" + (f"; or {otherwise}." if otherwise else ".")
+    )
 
 
 def _thread_level_name(level: int) -> str:

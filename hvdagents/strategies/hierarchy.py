@@ -37,17 +37,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import LauncherError, ModelMismatchError
+from ..errors import ModelMismatchError
+from ..runtime import no_mpi_world
 
 __all__ = ["NodeHierarchy", "HierarchicalSum", "cross_node_bytes", "average_parameters", "node_hierarchy"]
 
-#: What hvdagents needs to refuse a hierarchy under a launch without an MPI world.
-_NO_MPI_WORLD = (
-    "hierarchical=True and LocalSGD(node_period=...) make one MPI communicator per node and one "
-    "of the node leaders, and this job was started by 'horovodrun --gloo', which has no MPI world. "
-    "Launch with mpirun, srun --mpi=pmix or horovodrun without --gloo; or leave hierarchical=False "
-    "and node_period=None."
-)
 
 _float16_sum: Any = None  # the MPI op, made on first use (importing has no side effects)
 
@@ -146,7 +140,11 @@ def node_hierarchy(params: Any) -> NodeHierarchy:
     Horovod 0.28 offers no process set per node without its own start-up options)."""
     context = params.context
     if not context.mpi_world:
-        raise LauncherError(_NO_MPI_WORLD)
+        raise no_mpi_world(
+            "hierarchical=True and LocalSGD(node_period=...) make one MPI communicator per node "
+            "and one of the node leaders",
+            "leave hierarchical=False and node_period=None",
+        )
     return NodeHierarchy(comm=context.comm)
 
 

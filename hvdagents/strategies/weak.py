@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import LauncherError, NonFiniteError, UsageError
+from ..errors import NonFiniteError, UsageError
 from .base import ParameterAccess, Runner
 from .config import Strategy
 from .exchanges import Exchange
@@ -30,15 +30,14 @@ _NEW, _RUNNING, _FINISHED = "new", "running", "finished"
 
 def mpi_world_comm() -> Any:
     """``COMM_WORLD``, or a LauncherError naming the fix when the launch has no MPI world."""
-    from ..runtime import init
+    from ..runtime import init, no_mpi_world
 
     ctx = init()
     if not ctx.mpi_world:
-        raise LauncherError(
+        raise no_mpi_world(
             "Asynchronous strategies (Downpour, EASGD, Gossip) share parameters through MPI "
-            "one-sided windows, and this job was started by 'horovodrun --gloo', which has no "
-            "MPI world. Launch with mpirun, srun --mpi=pmix, or horovodrun without --gloo; "
-            "or use hva.Sync() / hva.LocalSGD() under Gloo."
+            "one-sided windows",
+            "use hva.Sync() / hva.LocalSGD() under Gloo",
         )
     return ctx.comm
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from ...collectives import Problem
 from ...collectives import agree as agree_on
-from ...errors import ClosedError, LauncherError
+from ...errors import ClosedError
 from .relay import FETCH_SUM, GET, SUM, Layout, Relay, layout_for
 from .transport import check_one_sided
 
@@ -89,15 +89,11 @@ def _free_at_exit() -> None:
 
 def resolve_comm(comm: Any) -> Any:
     if comm is None:
-        from ...runtime import init
+        from ...runtime import init, no_mpi_world
 
         ctx = init()
         if not ctx.mpi_world and ctx.size > 1:
-            raise LauncherError(
-                "RMA windows need an MPI world, and this job was started by 'horovodrun --gloo' "
-                "(MPI sees a world of one). Launch with mpirun, srun --mpi=pmix, or horovodrun "
-                "without --gloo."
-            )
+            raise no_mpi_world("RMA windows are one-sided MPI between the ranks")
         return ctx.comm
     MPI = mpi()
     if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
