@@ -62,7 +62,7 @@ __all__ = [
 
 # Heavy or MPI-touching names load on first use, so `import hvdagents` stays cheap.
 _LAZY = {
-    "ParameterWindow": ("hvdagents.strategies.window", "ParameterWindow"),
+    "ParameterWindow": ("hvdagents.strategies.windows", "ParameterWindow"),
     "TorchAgent": ("hvdagents.frameworks.torch", "TorchAgent"),
     "KerasAgent": ("hvdagents.frameworks.keras", "KerasAgent"),
     "keras": ("hvdagents.keras", None),

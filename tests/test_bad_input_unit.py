@@ -176,7 +176,7 @@ def test_torch_agent_arguments(bad, kind, words):
 def test_window_arguments():
     from mpi4py import MPI
 
-    from hvdagents.strategies.window import ParameterWindow
+    from hvdagents.strategies.windows import ParameterWindow
 
     for args, kind, words in [((0,), ValueError, ["n must be >= 1", "0"]),
                               ((4.0,), TypeError, ["n must be an int", "4.0"]),

@@ -69,9 +69,6 @@ def test_reads_racing_with_writes_see_whole_values(window_job, key):
         # ParameterWindow: every element a valid partial sum, own pushes all visible, nothing goes back
         assert (r["bad_pull"], r["own_wrong"], r["went_back"]) == (0, 0, 0), r
         assert r["final_exact"], r
-        # PeerWindow: every element a whole published version, never older than one read before
-        assert (r["peer_bad"], r["peer_back"]) == (0, 0), r
-        assert r["peer_final"], r
 
 
 @pytest.mark.parametrize("key", list(JOBS))

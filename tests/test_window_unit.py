@@ -1,4 +1,4 @@
-"""ParameterWindow, PeerWindow and ClockWindow in one process (a world of one, COMM_SELF):
+"""ParameterWindow, InboxWindow and ClockWindow in one process (a world of one, COMM_SELF):
 argument checks, the lifecycle, and the arithmetic of push/pull."""
 
 import gc
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hvdagents.errors import ClosedError, UsageError
-from hvdagents.strategies.window import RETIRED, ClockWindow, ParameterWindow, PeerWindow
+from hvdagents.strategies.windows import RETIRED, ClockWindow, InboxWindow, ParameterWindow
 from hvdagents.strategies.windows import _base as window
 
 MPI = pytest.importorskip("mpi4py.MPI")
@@ -36,8 +36,8 @@ def test_window_size_must_be_an_int(n):
 def test_window_dtype_must_be_float32_or_float64(dtype):
     with pytest.raises(ValueError, match="ParameterWindow dtype must be float32 or float64; got"):
         ParameterWindow(4, dtype, comm=SELF)
-    with pytest.raises(ValueError, match="PeerWindow dtype must be float32 or float64"):
-        PeerWindow(4, dtype, comm=SELF)
+    with pytest.raises(ValueError, match="InboxWindow dtype must be float32 or float64"):
+        InboxWindow(4, dtype, comm=SELF)
 
 
 def test_comm_must_be_an_intracommunicator():
@@ -109,10 +109,10 @@ def test_close_is_idempotent_and_later_operations_raise():
 
 
 def test_context_manager_closes():
-    with ParameterWindow(3, comm=SELF) as w, PeerWindow(3, comm=SELF) as p, ClockWindow(comm=SELF) as c:
+    with ParameterWindow(3, comm=SELF) as w, InboxWindow(3, comm=SELF) as p, ClockWindow(comm=SELF) as c:
         assert not (w.closed or p.closed or c.closed)
     assert w.closed and p.closed and c.closed
-    with pytest.raises(ClosedError, match="^PeerWindow is closed$"):
+    with pytest.raises(ClosedError, match="^InboxWindow is closed$"):
         p.read(0)
     with pytest.raises(ClosedError, match="^ClockWindow is closed$"):
         c.tick()
@@ -125,17 +125,6 @@ def test_a_dropped_window_warns_and_stays_registered_for_exit():
         del w
         gc.collect()
     assert key in window._live  # freed by the exit hook, collectively, not by the collector
-
-
-def test_peer_window_publish_and_read():
-    with PeerWindow(4, np.float32, comm=SELF) as p:
-        assert np.array_equal(p.read(0), np.zeros(4, np.float32))
-        p.publish(np.arange(4, dtype=np.float32))
-        assert np.array_equal(p.read(0), np.arange(4, dtype=np.float32))
-        with pytest.raises(ValueError, match=r"rank must be in \[0, 1\); got 1"):
-            p.read(1)
-        with pytest.raises(ValueError, match="publish values must be a 1-D array of 4 float32"):
-            p.publish(np.zeros(4))
 
 
 def test_clock_ticks_retires_and_waits_alone():

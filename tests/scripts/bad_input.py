@@ -15,7 +15,7 @@ import numpy as np
 from _report import emit
 
 import hvdagents as hva
-from hvdagents.strategies.window import ParameterWindow
+from hvdagents.strategies.windows import ParameterWindow
 
 ctx = hva.init()
 comm = ctx.comm

@@ -8,7 +8,7 @@ from weak_model import VectorModel, strategy, target
 import hvdagents as hva
 from hvdagents.errors import LauncherError
 from hvdagents.strategies.registry import make_runner
-from hvdagents.strategies.window import ParameterWindow
+from hvdagents.strategies.windows import ParameterWindow
 
 ctx = hva.init()
 out = {"mpi_world": ctx.mpi_world, "size": ctx.size}

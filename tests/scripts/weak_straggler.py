@@ -17,7 +17,7 @@ from weak_model import VectorModel, target
 
 from hvdagents.strategies.config import Downpour
 from hvdagents.strategies.registry import make_runner
-from hvdagents.strategies.window import RETIRED
+from hvdagents.strategies.windows import RETIRED
 
 SLOW_S = 0.02
 LR = 0.05

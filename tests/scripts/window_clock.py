@@ -13,7 +13,7 @@ import numpy as np
 from _report import emit
 
 from hvdagents.errors import UsageError
-from hvdagents.strategies.window import RETIRED, ClockWindow
+from hvdagents.strategies.windows import RETIRED, ClockWindow
 
 SLOW_S = 0.01
 

@@ -1,23 +1,17 @@
-"""No torn reads: pulls and peer reads taken while others write see only whole values.
+"""No torn reads: pulls taken while others push see only whole values.
 
-ParameterWindow phase: rank r pushes ``(P+1)**r * ones`` P times, pulling after each push.
+Rank r pushes ``(P+1)**r * ones`` P times, pulling after each push.
 Every element of a valid pull is an integer whose base-(P+1) digits are the number of pushes
 of each rank that element has seen: each digit in [0, P], this rank's digit exactly the
 number of pushes it has completed (read-your-writes), and no digit ever going back between
 two pulls by one rank. A torn element (bytes of two different sums) or a lost or duplicated
 push breaks the digit check.
-
-PeerWindow phase: rank r publishes ``r * BIG + v`` (v = 0..V) while reading random peers; an
-element read from peer p must be ``p * BIG + v`` with v never going back, and after a barrier
-every rank reads every peer's last version exactly.
 """
 
 import numpy as np
 from _report import emit
 
-from hvdagents.strategies.window import ParameterWindow, PeerWindow
-
-BIG = 1 << 20
+from hvdagents.strategies.windows import ParameterWindow
 
 
 def run(ctx, n, pushes):
@@ -54,26 +48,5 @@ def run(ctx, n, pushes):
     final = digits(store.pull())
     final_exact = final is not None and bool(np.all(final == pushes))
     store.close()
-
-    versions = max(pushes, 10)
-    peers = PeerWindow(n, np.float64)
-    rng = np.random.default_rng(rank)
-    seen = np.zeros((size, n))  # last value read of every peer's every element
-    peer_bad = peer_back = 0
-    peers.publish(np.full(n, float(rank * BIG)))  # version 0, before anyone reads
-    comm.Barrier()
-    for v in range(1, versions + 1):
-        peers.publish(np.full(n, float(rank * BIG + v)))
-        p = int(rng.integers(size))
-        got = peers.read(p) - p * BIG
-        if not (np.array_equal(got, np.floor(got)) and got.min() >= 0 and got.max() <= versions):
-            peer_bad += 1
-            continue
-        peer_back += int(np.any(got < seen[p]))
-        seen[p] = got
-    comm.Barrier()
-    peer_final = all(np.array_equal(peers.read(p), np.full(n, float(p * BIG + versions))) for p in range(size))
-    peers.close()
     emit({"case": "consistency", "rank": rank, "bad_pull": bad_pull, "own_wrong": own_wrong,
-          "went_back": went_back, "final_exact": final_exact, "peer_bad": peer_bad,
-          "peer_back": peer_back, "peer_final": peer_final})
+          "went_back": went_back, "final_exact": final_exact})

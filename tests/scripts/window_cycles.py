@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from _report import emit
 
-from hvdagents.strategies.window import ClockWindow, ParameterWindow, PeerWindow
+from hvdagents.strategies.windows import ClockWindow, InboxWindow, ParameterWindow
 from hvdagents.strategies.windows import _base as window
 
 WARMUP = 20
@@ -46,8 +46,8 @@ def run(ctx, cycles, n):
         store = ParameterWindow(n, np.float64)
         store.push(np.ones(n))
         store.close()
-        with PeerWindow(n // ctx.size + 1, np.float32) as peers:
-            peers.publish(np.ones(n // ctx.size + 1, np.float32))
+        with InboxWindow(n // ctx.size + 1, np.float32) as inboxes:
+            inboxes.deliver(ctx.rank, np.ones(n // ctx.size + 1, np.float32))
         with ClockWindow() as clock:
             clock.tick()
 

@@ -8,7 +8,7 @@ bit-equal.
 import numpy as np
 from _report import emit
 
-from hvdagents.strategies.window import ParameterWindow
+from hvdagents.strategies.windows import ParameterWindow
 
 
 def run(ctx, n, dtype, pushes):

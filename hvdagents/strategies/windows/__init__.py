@@ -1,12 +1,10 @@
 """MPI one-sided windows for the asynchronous strategies: the parameter store and its companions.
 
-Four window kinds, one module each, share one lifecycle (:mod:`._base`):
+Three window kinds, one module each, share one lifecycle (:mod:`._base`):
 
 - :class:`ParameterWindow` — one vector *sharded* over all ranks: any rank adds to it
   (``push``, element-wise atomic) or reads it (``pull``) without the owners taking part.
   Downpour and EASGD keep their centre here.
-- :class:`PeerWindow` — every rank holds a *full* vector that only it writes (``publish``)
-  and that any rank reads (``read``).
 - :class:`InboxWindow` — every rank holds a *full* vector that any rank adds to (``deliver``)
   or reads (``read``) and that only its owner empties (``take``). Gossip keeps each agent's
   effective model here (last publication + what peers delivered since).
@@ -35,7 +33,6 @@ frees windows on collection either (it leaves that to ``Win.Free``).
 from ._base import SUPPORTED_DTYPES
 from .clock import RETIRED, ClockWindow
 from .inbox import InboxWindow
-from .peer import PeerWindow
 from .store import ParameterWindow
 
-__all__ = ["ParameterWindow", "PeerWindow", "InboxWindow", "ClockWindow", "RETIRED", "SUPPORTED_DTYPES"]
+__all__ = ["ParameterWindow", "InboxWindow", "ClockWindow", "RETIRED", "SUPPORTED_DTYPES"]
