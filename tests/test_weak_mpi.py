@@ -76,7 +76,7 @@ def test_runner_misuse_is_refused(weak_job, np_):
         assert out["step_after_finish"].startswith("UsageError: after_step() was called after finish()")
         assert out["windows_after_finish"] == 0
         for name in ("downpour", "easgd-ssp", "gossip"):
-            assert out[f"reseed_{name}"] <= 1e-12, out  # the old centre / published vectors are gone
+            assert out[f"restarted_{name}"] <= 1e-12, out  # the old centre / published vectors are gone
 
 
 def test_a_straggler_holds_back_downpour_only_under_a_staleness_bound(weak_job):

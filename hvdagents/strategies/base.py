@@ -107,10 +107,6 @@ class Runner(ABC):
     def after_step(self, params: ParameterAccess) -> None:
         """Called after every local optimizer step; the runner counts steps itself."""
 
-    def reseed(self, params: ParameterAccess) -> None:
-        """Collective: the model was replaced on every rank; shared state the runner keeps
-        beside the model (an RMA store) must start again from it."""
-
     def rebind(self, params: ParameterAccess) -> None:
         """Local: Horovod was restarted under this runner (an elastic reset, see
         :mod:`hvdagents.elastic`: the world grew or shrank). Forget every operation in flight
@@ -128,10 +124,10 @@ class Runner(ABC):
         return (num_parameters,)
 
     def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
-        """Collective: a checkpoint was loaded on every rank; ``saved`` is rank 0's
-        :meth:`snapshot` from it (read on rank 0 only; ``None`` means start the shared state
-        again from the model, as :meth:`reseed`)."""
-        self.reseed(params)
+        """Collective: the model was replaced on every rank (a checkpoint was loaded);
+        ``saved`` is rank 0's :meth:`snapshot` from it (read on rank 0 only). ``None``: shared
+        state the runner keeps beside the model (an RMA store) starts again from the model.
+        This runner keeps none: nothing to do."""
 
     def settle(self, params: ParameterAccess) -> None:
         """First step of the agent's ``close``, before it waits for the other ranks: finish

@@ -148,9 +148,9 @@ class DiLoCoRunner(Runner):
         if getattr(params, "start_sum", None) is None:
             raise UsageError(f"hva.DiLoCo is not available for {type(params).__name__}")
         self._sum(params)
-        self.reseed(params)
+        self._from_model(params)
 
-    def reseed(self, params: ParameterAccess) -> None:
+    def _from_model(self, params: ParameterAccess) -> None:
         """Collective only when a fragment was in flight (it is finished and dropped): θ_global
         starts again from the model (the same on every rank), with zero momentum."""
         self._drop_pending()
@@ -175,8 +175,8 @@ class DiLoCoRunner(Runner):
 
     def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
         """Collective: rank 0's saved outer state on every rank (one float64 sum through
-        Horovod, where only rank 0 contributes, so the bits travel unchanged); without one, as
-        :meth:`reseed`."""
+        Horovod, where only rank 0 contributes, so the bits travel unchanged); without one
+        (``None`` on rank 0), θ_global starts again from the model, with zero momentum."""
         self._drop_pending()
         n = params.num_parameters
         rank = params.context.rank  # type: ignore[attr-defined]
@@ -186,7 +186,7 @@ class DiLoCoRunner(Runner):
             local[1:] = np.asarray(saved, dtype=np.float64).reshape(-1)
         agreed = self._sum(params)(local, "float64", self._prefix + ".restore")()
         if agreed[0] == 0.0:
-            self.reseed(params)
+            self._from_model(params)
             return
         self.theta_global = agreed[1:1 + n].copy()
         self.momentum = agreed[1 + n:].copy()

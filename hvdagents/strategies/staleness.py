@@ -86,9 +86,6 @@ class StalenessBound(Runner):
             self.clock.wait_until_within(self.max_staleness)
         self.inner.after_step(params)
 
-    def reseed(self, params: ParameterAccess) -> None:
-        self.inner.reseed(params)
-
     def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
         self.inner.restore(params, saved)
 

@@ -3,8 +3,8 @@
 Agents never wait for each other during training: every ``period`` local steps each one
 runs its strategy's :class:`~.exchanges.Exchange` (one-sided window operations), at its own
 pace (with ``hierarchical=True``, the ranks of one node exchange together:
-:mod:`~.node_centre`). Only :meth:`AsyncRunner.start`, :meth:`~AsyncRunner.reseed`, :meth:`~AsyncRunner.restore`
-and :meth:`~AsyncRunner.finish` are collective. A staleness bound is a separate wrapper
+:mod:`~.node_centre`). Only :meth:`AsyncRunner.start`, :meth:`~AsyncRunner.restore` and
+:meth:`~AsyncRunner.finish` are collective. A staleness bound is a separate wrapper
 (:class:`~.staleness.StalenessBound`), added by :func:`~.registry.make_runner`.
 
 All windows are used with shared locks only (one ``Lock_all`` epoch per window), so no two
@@ -95,18 +95,15 @@ class AsyncRunner(Runner):
                 raise
             self.state.last_sync_step = self.state.step
 
-    def reseed(self, params: ParameterAccess) -> None:
-        """Collective: the model was replaced on every rank; restart the shared parameters
-        (centre or published vectors) from rank 0's model. Before ``start`` it does nothing.
+    def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
+        """Collective: the model was replaced on every rank (a checkpoint was loaded); resume
+        the shared parameters from ``saved``, rank 0's :meth:`snapshot`, or with ``None``
+        restart them (centre or published vectors) from rank 0's model. Before ``start`` it
+        does nothing.
 
         Call it on every rank at the same step count (e.g. a checkpoint loaded before training
         resumes): under a staleness bound a rank ahead would otherwise wait forever for a rank
         that is inside this call."""
-        self.restore(params, None)
-
-    def restore(self, params: ParameterAccess, saved: Optional[np.ndarray]) -> None:
-        """Collective: resume from a checkpoint, ``saved`` being rank 0's :meth:`snapshot`
-        (``None``: start the shared state again from rank 0's model)."""
         if self._phase == _NEW:
             return
         self._require_running("restore")

@@ -1,7 +1,7 @@
 """Every multi-rank check of the asynchronous runner in one job, case by case.
 
 ``contract`` runs tests/scripts/weak_contract.py for every strategy; ``lifecycle`` runs
-weak_lifecycle.py (runner misuse, reseed); ``straggler`` runs weak_straggler.py (4 ranks).
+weak_lifecycle.py (runner misuse, restore without a snapshot); ``straggler`` runs weak_straggler.py (4 ranks).
 Each case prints RESULT lines with its ``case`` name. Args: STEPS PART...
 """
 

@@ -2,8 +2,8 @@
 
 Checks: a Gossip matrix of the wrong size is refused at start() before any window exists;
 after_step()/finish() before start(), start() twice and after_step() after finish() raise
-UsageError; finish() is idempotent; every window is freed after finish(). reseed() after a
-"checkpoint load" mid-training (every rank's model replaced by the same vector) restarts the
+UsageError; finish() is idempotent; every window is freed after finish(). restore(model, None)
+after a "checkpoint load" mid-training (every rank's model replaced by the same vector) restarts the
 shared parameters from it: a finish() right after it must give back that vector exactly.
 """
 
@@ -50,7 +50,7 @@ def run(ctx):
     for name in ("downpour", "easgd-ssp", "gossip"):
         model = VectorModel(target(0), target(rank), comm)
         runner = make_runner(strategy(name, size))
-        runner.reseed(model)  # before start: nothing to do
+        runner.restore(model, None)  # before start: nothing to do
         runner.start(model)
         # ranks at different steps, as in a real run (not under a bound: a rank ahead would wait
         # for one that stopped short at the barrier below, which is the documented deadlock)
@@ -59,7 +59,7 @@ def run(ctx):
             runner.after_step(model)
         comm.Barrier()
         model.set_flat(checkpoint)
-        runner.reseed(model)
+        runner.restore(model, None)
         runner.finish(model)
-        out[f"reseed_{name}"] = float(np.max(np.abs(model.get_flat() - checkpoint)))
+        out[f"restarted_{name}"] = float(np.max(np.abs(model.get_flat() - checkpoint)))
     emit(out)
