@@ -148,7 +148,7 @@ class Agent(ABC):
         if self._runner.uses_horovod:
             self._hvd = horovod_binding(framework)
         else:
-            from .strategies.weak import mpi_world_comm
+            from .strategies.async_runner import mpi_world_comm
 
             mpi_world_comm()  # refuse a launch without an MPI world before communicating at all
             pin_gpu(framework)

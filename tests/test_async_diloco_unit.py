@@ -4,9 +4,9 @@ import pytest
 
 import hvdagents as hva
 from hvdagents.strategies.async_diloco import AsyncDiLoCoExchange
+from hvdagents.strategies.async_runner import AsyncRunner
 from hvdagents.strategies.registry import make_runner
 from hvdagents.strategies.staleness import StalenessBound
-from hvdagents.strategies.weak import AsyncRunner
 
 BAD = [
     (lambda: hva.AsyncDiLoCo(inner_steps=0), ValueError, ["AsyncDiLoCo.inner_steps", "0"]),

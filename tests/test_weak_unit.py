@@ -5,11 +5,11 @@ Each bad setting raises ValueError (TypeError for a wrong type) naming the field
 import pytest
 
 from hvdagents.errors import UsageError
+from hvdagents.strategies.async_runner import AsyncRunner
 from hvdagents.strategies.config import EASGD, Downpour, Gossip, LocalSGD, Sync
 from hvdagents.strategies.exchanges import DownpourExchange, EASGDExchange, GossipExchange
 from hvdagents.strategies.registry import make_runner
 from hvdagents.strategies.staleness import StalenessBound
-from hvdagents.strategies.weak import AsyncRunner
 from mpirun import run_job
 
 

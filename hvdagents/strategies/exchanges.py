@@ -1,7 +1,7 @@
 """Exchanges: how an asynchronous agent shares its parameters, one object per strategy.
 
 An exchange owns its windows and does one strategy's communication; the
-:class:`~.weak.AsyncRunner` decides *when* (every ``period`` steps) and runs the lifecycle.
+:class:`~.async_runner.AsyncRunner` decides *when* (every ``period`` steps) and runs the lifecycle.
 Every method says whether it is collective; :meth:`Exchange.exchange` never is over all ranks
 (with ``hierarchical=True``, over the ranks of one node).
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 from typing import Callable
 
 from .async_diloco import AsyncDiLoCoExchange
+from .async_runner import AsyncRunner
 from .base import LocalSGDRunner, Runner, SyncRunner
 from .config import EASGD, AsyncDiLoCo, DiLoCo, Downpour, Gossip, LocalSGD, Strategy, Sync, ZeRO
 from .diloco import DiLoCoRunner
 from .exchanges import DownpourExchange, EASGDExchange, GossipExchange
 from .sharded import ShardedRunner
 from .staleness import StalenessBound
-from .weak import AsyncRunner
 
 __all__ = ["make_runner", "strategy_names", "RUNNERS"]
 

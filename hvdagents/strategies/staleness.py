@@ -21,8 +21,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from .async_runner import mpi_world_comm
 from .base import ParameterAccess, Runner, RunnerState
-from .weak import mpi_world_comm
 from .windows import ClockWindow
 
 __all__ = ["StalenessBound", "in_collective"]
