@@ -5,6 +5,7 @@ Two simulated hosts × 2 ranks (:mod:`hvdagents.testing`), their links shaped to
 model (``workers/lowbandwidth.py``: ≥ 2M parameters, a generated second-order Markov corpus,
 AdamW, 8 sequences of 32 tokens per rank and step) for the same number of steps, so equal
 samples; rank 0 scores its own model on held-out text at evaluation points (clock stopped).
+One job per configuration (``--quick``: one job runs them all in turn, each from a fresh model).
 
 Reported per link rate and configuration: the curve (training seconds, bytes every host sent,
 held-out loss), the final loss against ``Sync``'s, and the seconds and bytes to first reach
@@ -58,7 +59,10 @@ HIERARCHICAL = {
             "Downpour period=10"},
     True: {"DiLoCo H=3", "Async DiLoCo H=3"},
 }
+#: Per job: in ``--quick`` one job runs all 6 configurations.
 TIMEOUT_S = {False: 1200, True: 180}
+#: The worker's separator between the configurations of one job.
+THEN = "--then"
 #: Issue 25's goals at 100 Mbit/s.
 TIME_GOAL, QUALITY_GOAL = 0.3, 0.02
 
@@ -85,15 +89,26 @@ def measure(quick: bool, hosts: Any, rate: str) -> dict[str, Any]:
     hosts.set_link_rate(rate)
     steps = STEPS[quick]
     common = ["--steps", str(steps["steps"]), "--eval-every", str(steps["eval_every"])] + (["--quick"] if quick else [])
-    runs = []
-    for label, args in _configs(quick):
+    configs = _configs(quick)
+    if quick:  # one job runs every configuration in turn (THEN-separated): one start-up, not one each
+        joined = [arg for i, (_, args) in enumerate(configs) for arg in [*([THEN] if i else []), *args, *common]]
         try:
-            result = run_mpi(NAME, HOSTS * RANKS_PER_HOST, [*args, *common], timeout=TIMEOUT_S[quick],
-                             hosts=hosts).results[0]
-        except JobFailed as err:  # one failed configuration is reported, the others still run
-            runs.append({"label": label, "failed": str(err)[-1500:]})
-            continue
-        runs.append({"label": label, **result})
+            results = run_mpi(NAME, HOSTS * RANKS_PER_HOST, joined, timeout=TIMEOUT_S[quick], hosts=hosts).results
+            if len(results) != len(configs):
+                raise JobFailed(f"{len(results)} result lines for {len(configs)} configurations")
+            runs = [{"label": label, **result} for (label, _), result in zip(configs, results)]
+        except JobFailed as err:  # then every configuration failed with it
+            runs = [{"label": label, "failed": str(err)[-1500:]} for label, _ in configs]
+    else:
+        runs = []
+        for label, args in configs:
+            try:
+                result = run_mpi(NAME, HOSTS * RANKS_PER_HOST, [*args, *common], timeout=TIMEOUT_S[quick],
+                                 hosts=hosts).results[0]
+            except JobFailed as err:  # one failed configuration is reported, the others still run
+                runs.append({"label": label, "failed": str(err)[-1500:]})
+                continue
+            runs.append({"label": label, **result})
     baseline = runs[0]
     if "failed" in baseline:
         raise JobFailed(f"the Sync baseline failed at {rate}: {baseline['failed']}")

@@ -9,6 +9,12 @@ held-out text is reported as the floor no model can beat. The clock stops while 
 evaluates, so the curve's seconds are training time.
 
     lowbandwidth.py --strategy diloco --inner-steps 50 --steps 300 [--quick]
+    lowbandwidth.py --strategy sync --steps 12 ... --then --strategy diloco --inner-steps 3 --steps 12 ...
+
+Several configurations separated by ``--then`` run one after another in the same job, each from
+a fresh model and agent (the same seeds), each printing its own result line; each run's bytes
+are counted from its own start, after a barrier that every rank reaches once the previous
+run's ``close()`` has returned.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +37,8 @@ MODEL = {False: {"dim": 192, "layers": 5}, True: {"dim": 32, "layers": 1}}
 TRAIN_TOKENS, HELD_OUT_TOKENS = 1 << 18, 1 << 14
 BATCH, LR = 8, 3e-3
 EVAL_BATCHES = 16
+#: Separates the configurations of several runs in one job (``--quick``: one start-up for all).
+THEN = "--then"
 
 
 def markov_corpus(tokens: int, seed: int) -> tuple[np.ndarray, float]:
@@ -105,27 +114,36 @@ def strategy_from(args: argparse.Namespace):
     raise SystemExit(f"unknown strategy {args.strategy!r}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", required=True)
-    parser.add_argument("--inner-steps", type=int, default=1)
-    parser.add_argument("--fragments", type=int, default=1)
-    parser.add_argument("--overlap", type=int, default=0)
-    parser.add_argument("--hierarchical", action="store_true")
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--eval-every", type=int, required=True)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--strategy", required=True)
+    p.add_argument("--inner-steps", type=int, default=1)
+    p.add_argument("--fragments", type=int, default=1)
+    p.add_argument("--overlap", type=int, default=0)
+    p.add_argument("--hierarchical", action="store_true")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--eval-every", type=int, required=True)
+    p.add_argument("--quick", action="store_true")
+    return p
+
+
+def runs_of(argv: list[str]) -> list[argparse.Namespace]:
+    """One configuration per ``--then``-separated part of the command line, in order."""
+    parts: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == THEN:
+            parts.append([])
+        else:
+            parts[-1].append(arg)
+    return [parser().parse_args(part) for part in parts]
+
+
+def train(args: argparse.Namespace, ctx, text: np.ndarray, eval_batch: torch.Tensor, floor: float) -> None:
+    """One run from a fresh model (the same seed in every run); rank 0 prints its result."""
+    from mpi4py import MPI
 
     import hvdagents as hva
 
-    torch.set_num_threads(1)
-    ctx = hva.init()
-    from mpi4py import MPI
-
-    text, _ = markov_corpus(TRAIN_TOKENS, seed=1)
-    held_out, floor = markov_corpus(HELD_OUT_TOKENS, seed=2)
-    eval_batch = windows(held_out, np.arange(EVAL_BATCHES * BATCH) * (CONTEXT + 1) % (HELD_OUT_TOKENS - CONTEXT - 1))
     torch.manual_seed(0)
     model = TinyLM(**MODEL[args.quick])
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -160,6 +178,21 @@ def main() -> None:
         emit({"strategy": args.strategy, "inner_steps": args.inner_steps, "fragments": args.fragments,
               "hierarchical": args.hierarchical, "parameters": sum(p.numel() for p in model.parameters()),
               "curve": curve, "final_loss": final, "floor": floor, "ranks": ctx.size})
+
+
+def main() -> None:
+    runs = runs_of(sys.argv[1:])
+
+    import hvdagents as hva
+
+    torch.set_num_threads(1)
+    ctx = hva.init()
+
+    text, _ = markov_corpus(TRAIN_TOKENS, seed=1)
+    held_out, floor = markov_corpus(HELD_OUT_TOKENS, seed=2)
+    eval_batch = windows(held_out, np.arange(EVAL_BATCHES * BATCH) * (CONTEXT + 1) % (HELD_OUT_TOKENS - CONTEXT - 1))
+    for args in runs:
+        train(args, ctx, text, eval_batch, floor)
 
 
 if __name__ == "__main__":
