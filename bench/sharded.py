@@ -5,7 +5,8 @@ Memory: one job per (variant, world size), an MLP of ≥ 100M parameters (``--qu
 steps: the optimizer-state bytes each rank holds (exact counts) and the peak resident memory
 each rank adds to what it held before the model existed (the larger rank). Speed: steps per
 second on the overhead benchmark's 10.5M-parameter MLP, one job per variant, the variants in
-rotating order per repetition, on one host and across two simulated hosts.
+rotating order per repetition, on one host and across two simulated hosts (``--quick``: the
+memory jobs' own timed steps, no job of its own).
 
 Goals (issue 24): state per rank = 1/N of Sync's; peak per rank at 4 ranks ≤ 0.65 × Sync's;
 speed ≥ 0.9 × Sync's on one host; at least as fast and as small as ZeroRedundancyOptimizer.
@@ -27,8 +28,9 @@ LABELS = {"sync": "Sync", "zero1": "ZeRO stage 1", "zero2": "ZeRO stage 2",
 #: 8 square layers of 3584: 102.8M parameters (Adam: 1.6 GB of state at one rank).
 MEMORY = {False: {"dims": ",".join(["3584"] * 9), "ranks": [2, 4], "batch": 4, "steps": 2},
           True: {"dims": "512,1024,1024,512", "ranks": [2], "batch": 4, "steps": 2}}
-SPEED = {False: {"dims": "1024,2048,2048,2048,10", "ranks": 2, "batch": 32, "steps": 20, "warmup": 3, "reps": 3},
-         True: {"dims": "64,128,10", "ranks": 2, "batch": 16, "steps": 5, "warmup": 1, "reps": 1}}
+#: ``--quick`` times no jobs of its own: the memory jobs' timed steps (after their warm-up) are
+#: its speed smoke, one launch per variant instead of two (the worker is the same, only the sizes differed).
+SPEED = {False: {"dims": "1024,2048,2048,2048,10", "ranks": 2, "batch": 32, "steps": 20, "warmup": 3, "reps": 3}}
 TIMEOUT_S = {False: 900, True: 120}
 SPEED_TIMEOUT_S = 180
 PEAK_GOAL, SPEED_GOAL = 0.65, 0.9
@@ -51,12 +53,21 @@ def measure_memory(quick: bool) -> list[dict[str, Any]]:
             added = [rank["phases_mib"]["train"] - rank["phases_mib"]["start"] for rank in r["per_rank"]]
             rows.append({"variant": variant, "ranks": ranks, "parameters": r["parameters"],
                          "state_bytes": [rank["state_bytes"] for rank in r["per_rank"]],
-                         "added_mib": max(added), "per_rank": r["per_rank"]})
+                         "added_mib": max(added), "steps_per_s": r["steps_per_s"], "per_rank": r["per_rank"]})
     for row in rows:
         sync = next(s for s in rows if s["variant"] == "sync" and s["ranks"] == row["ranks"])
         row["state_over_sync"] = max(row["state_bytes"]) / max(sync["state_bytes"])
         row["added_over_sync"] = row["added_mib"] / sync["added_mib"]
     return rows
+
+
+def speed_of_memory_jobs(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``--quick``'s speed: the steps per second each memory job timed at the smallest world."""
+    ranks = min(r["ranks"] for r in rows)
+    rates = {r["variant"]: [r["steps_per_s"]] for r in rows if r["ranks"] == ranks}
+    return {"ranks": ranks, "hosts": 1, "dims": MEMORY[True]["dims"], "from": "the memory jobs",
+            "steps_per_s": {v: spread(rates[v]) for v in VARIANTS},
+            "over_sync": {v: ratio_spread(rates[v], rates["sync"]) for v in VARIANTS}, "failed": {}}
 
 
 def measure_speed(quick: bool, hosts: Any = None) -> dict[str, Any]:
@@ -84,7 +95,9 @@ def measure_speed(quick: bool, hosts: Any = None) -> dict[str, Any]:
 def run(out: Path, quick: bool) -> dict[str, Any]:
     from hvdagents.testing import SimulatedHosts, unavailable_reason
 
-    payload: dict[str, Any] = {"quick": quick, "memory": measure_memory(quick), "speed": [measure_speed(quick)]}
+    memory = measure_memory(quick)
+    speed = speed_of_memory_jobs(memory) if quick else measure_speed(quick)
+    payload: dict[str, Any] = {"quick": quick, "memory": memory, "speed": [speed]}
     reason = unavailable_reason()
     if reason:
         payload["crosshost_skipped"] = reason
