@@ -42,6 +42,7 @@ import tensorflow as tf
 
 from ..collectives import bcast_object_over
 from ..errors import UsageError
+from ..keras.optimizer import DelegatesToInner
 from ..strategies.sharded import shard_ranges
 
 __all__ = ["SHARDABLE", "ShardedOptimizer", "refuse_unshardable"]
@@ -138,7 +139,7 @@ def _piece(variable: Any, size: int) -> Any:
         return keras.Variable(np.zeros(size, dtype=variable.dtype), name=name, dtype=variable.dtype, trainable=False)
 
 
-class ShardedOptimizer(keras.optimizers.Optimizer):
+class ShardedOptimizer(DelegatesToInner, keras.optimizers.Optimizer):
     """``model.optimizer`` under :class:`~hvdagents.ZeRO` (see the module): the user's
     optimizer, remade over this rank's pieces, wrapped by composition.
 
@@ -221,10 +222,6 @@ class ShardedOptimizer(keras.optimizers.Optimizer):
     def build(self, var_list: list) -> None:
         return None  # built by partition(), before Keras traces a train step
 
-    @property
-    def variables(self) -> list:
-        return self._variables + self.inner_optimizer.variables
-
     def apply(self, grads: list, trainable_variables: list | None = None) -> None:
         """Collective: the mean gradient of this rank's range applied to its pieces, then the
         ranges all-gathered into the variables (see the module)."""
@@ -291,21 +288,6 @@ class ShardedOptimizer(keras.optimizers.Optimizer):
             for m in bucket.members:
                 if m.index in wanted:
                     m.variable.assign(tf.reshape(whole[m.offset:m.offset + m.numel], m.variable.shape))
-
-    @property
-    def learning_rate(self) -> Any:
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, value: Any) -> None:
-        self.inner_optimizer.learning_rate = value
-
-    @property
-    def iterations(self) -> Any:
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss: Any) -> Any:
-        return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list: list) -> None:
         return None  # no moving average (use_ema is refused)

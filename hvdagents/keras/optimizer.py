@@ -16,10 +16,41 @@ import keras
 
 from ..runtime import horovod_binding
 
-__all__ = ["DistributedOptimizer", "distributed_outermost"]
+__all__ = ["DistributedOptimizer", "distributed_outermost", "DelegatesToInner"]
+
+
+class DelegatesToInner:
+    """Mixin (before ``keras.optimizers.Optimizer``) for an optimizer that wraps
+    ``self.inner_optimizer`` by composition, as Keras' ``LossScaleOptimizer`` does: the
+    learning rate, the step counter and loss scaling are the inner optimizer's, and its
+    variables follow the wrapper's own. Local."""
+
+    inner_optimizer: Any
+    _variables: list
+
+    @property
+    def variables(self) -> list:
+        return self._variables + self.inner_optimizer.variables
+
+    @property
+    def learning_rate(self) -> Any:
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        self.inner_optimizer.learning_rate = value
+
+    @property
+    def iterations(self) -> Any:
+        return self.inner_optimizer.iterations
+
+    def scale_loss(self, loss: Any) -> Any:
+        """The inner optimizer's loss scaling (a ``LossScaleOptimizer`` multiplies by its
+        dynamic scale; it divides the averaged gradients by the same scale in ``apply``)."""
+        return self.inner_optimizer.scale_loss(loss)
 
 @keras.saving.register_keras_serializable(package="hvdagents")
-class DistributedOptimizer(keras.optimizers.Optimizer):
+class DistributedOptimizer(DelegatesToInner, keras.optimizers.Optimizer):
     """Average gradients over all ranks before ``optimizer`` applies them.
 
     Horovod's ``DistributedOptimizer(optimizer, name, device_dense, device_sparse,
@@ -103,10 +134,6 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
             self.inner_optimizer.build(var_list)
         super().build(var_list)
 
-    @property
-    def variables(self) -> list:
-        return self._variables + self.inner_optimizer.variables
-
     def apply(self, grads: list, trainable_variables: list | None = None) -> None:
         """Collective: all-reduce (average) ``grads`` over ranks, then apply them."""
         if not self.built:
@@ -136,23 +163,6 @@ class DistributedOptimizer(keras.optimizers.Optimizer):
         for i, g in zip(present, dense):
             out[i] = g * scale if scale != 1.0 else g
         return out
-
-    @property
-    def learning_rate(self) -> Any:
-        return self.inner_optimizer.learning_rate
-
-    @learning_rate.setter
-    def learning_rate(self, value: Any) -> None:
-        self.inner_optimizer.learning_rate = value
-
-    @property
-    def iterations(self) -> Any:
-        return self.inner_optimizer.iterations
-
-    def scale_loss(self, loss: Any) -> Any:
-        """The inner optimizer's loss scaling (a ``LossScaleOptimizer`` multiplies by its
-        dynamic scale; it divides the averaged gradients by the same scale in ``apply``)."""
-        return self.inner_optimizer.scale_loss(loss)
 
     def finalize_variable_values(self, var_list: list) -> None:
         self.inner_optimizer.finalize_variable_values(var_list)
