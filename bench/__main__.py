@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from . import (
     allreduce,
+    convergence,
     crosshost,
     cycle_time,
     longrun,
@@ -46,6 +47,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     "memory": memory,
     "longrun": longrun,
     "lowbandwidth": lowbandwidth,
+    "convergence": convergence,
     "sharded": sharded,
 }
 
@@ -60,6 +62,7 @@ TITLES = {
     "memory": "Host memory per rank",
     "longrun": "Long asynchronous runs (200 epochs)",
     "lowbandwidth": "Weak sync on a slow network (DiLoCo)",
+    "convergence": "DiLoCo against Sync, trained to the plateau, on a slow network",
     "sharded": "Sharded data parallelism (ZeRO)",
 }
 

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: guard, not a speed bar: beside other jobs on this 2-core machine a quick run took over 300 s.
 QUICK_RUN_TIMEOUT = 600
 NAMES = ["overhead", "allreduce", "cycle_time", "crosshost", "store", "straggler", "scaling", "memory", "longrun",
-         "lowbandwidth", "sharded"]
+         "lowbandwidth", "convergence", "sharded"]
 #: Keys every benchmark's JSON must have, beside "benchmark" and "machine".
 REQUIRED = {
     "overhead": ["ranks", "target_ratio", "models"],
@@ -31,6 +31,7 @@ REQUIRED = {
     "cycle_time": ["cycle_times_ms", "worlds"],
     "crosshost": ["hosts"],
     "lowbandwidth": ["hosts", "rates"],
+    "convergence": ["hosts"],
     "sharded": ["memory", "speed"],
 }
 MACHINE_KEYS = ["cpu", "cores", "mpi", "horovod", "torch", "tensorflow", "keras", "mpi4py", "python", "date_utc"]
@@ -120,6 +121,8 @@ def test_quick_run_writes_well_formed_json(quick_out, name):
         assert all(r["added_mib"] > 0 for r in data["memory"]), data["memory"]
     elif name == "lowbandwidth":  # curves, checked in test_quick_lowbandwidth_run_...
         assert "skipped" in data or data["rates"], data
+    elif name == "convergence":  # curves, checked in test_quick_convergence_run_...
+        assert "skipped" in data or data["diloco"]["curve"], data
     elif name == "longrun":  # one job per run: accuracy curves
         assert all(0 <= a <= 1 for r in data["runs"] for a in r["accuracy"])
         assert all(0 < r["final"] <= 1 for r in data["runs"])  # the consensus model was scored
@@ -208,6 +211,32 @@ def test_quick_lowbandwidth_run_trains_every_configuration_on_a_shaped_link(quic
         assert all(p["sent"] > 0 for p in r["curve"]), r
     sync, diloco = runs["Sync"], runs["DiLoCo H=3"]
     assert diloco["curve"][-1]["sent"] < 0.6 * sync["curve"][-1]["sent"], (diloco["curve"], sync["curve"])
+
+
+def test_quick_convergence_run_compares_diloco_with_sync_at_equal_samples(quick_out):
+    """Sync (1 Gbit/s) and DiLoCo (100 Mbit/s) trained the same steps across the shaped hosts
+    and were scored; the target is Sync's final loss, Sync's seconds at 100 Mbit/s are its
+    probed rate there times the steps it took, DiLoCo's are its own first point at or below
+    the target, and the ratios are what they divide."""
+    conv = json.loads((quick_out / "convergence.json").read_text())
+    if "skipped" in conv:
+        pytest.skip(f"the convergence benchmark was skipped: {conv['skipped']}")
+    sync, diloco = conv["sync"], conv["diloco"]
+    for run in (sync, diloco):
+        assert [p["step"] for p in run["curve"]] == [4, 8], run
+        assert conv["floor"] < run["final_loss"] < 2 * math.log(64), run
+    assert [p["step"] for p in conv["sync_probe"]["curve"]] == [conv["probe_steps"]]
+    assert conv["target_loss"] == sync["final_loss"] == sync["curve"][-1]["loss"], conv
+    assert sync["step_s_100mbit"] > 0
+    assert sync["to_target"]["seconds"] == sync["to_target"]["step"] * sync["step_s_100mbit"], sync
+    assert conv["final_over_sync"] == diloco["final_loss"] / sync["final_loss"]
+    reached = diloco["to_target"]
+    if reached is None:
+        assert all(p["loss"] > conv["target_loss"] for p in diloco["curve"]) and conv["time_over_sync"] is None
+    else:
+        point = next(p for p in diloco["curve"] if p["step"] == reached["step"])
+        assert point["loss"] <= conv["target_loss"] and point["seconds"] == reached["seconds"], (point, reached)
+        assert conv["time_over_sync"] == reached["seconds"] / sync["to_target"]["seconds"]
 
 
 def test_quick_sharded_run_holds_a_1_over_n_share_of_the_optimizer_state(quick_out):
