@@ -91,8 +91,10 @@ def _file_path(name: str, value: Any) -> str:
     if not isinstance(value, (str, os.PathLike)):
         raise TypeError(f"{name} must be a file path (str or os.PathLike); got {type(value).__name__} {value!r}")
     path = os.fspath(value)
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"{name} must be a file path; got {path!r}")
+    if not isinstance(path, str):
+        raise TypeError(f"{name} must be a file path (str or os.PathLike); got {type(path).__name__} {path!r}")
+    if not path:
+        raise ValueError(f"{name} must be a file path; got an empty string")
     return path
 
 
