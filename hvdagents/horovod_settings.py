@@ -88,11 +88,9 @@ def requested(*, timeline: Optional[str | os.PathLike] = None, autotune: Optiona
 
 def _file_path(name: str, value: Any) -> str:
     """``value`` as a file path, or a ``TypeError``/``ValueError`` naming the argument."""
-    if not isinstance(value, (str, os.PathLike)):
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else value
+    if not isinstance(path, str):  # bytes, a number, or a PathLike whose path is bytes
         raise TypeError(f"{name} must be a file path (str or os.PathLike); got {type(value).__name__} {value!r}")
-    path = os.fspath(value)
-    if not isinstance(path, str):
-        raise TypeError(f"{name} must be a file path (str or os.PathLike); got {type(path).__name__} {path!r}")
     if not path:
         raise ValueError(f"{name} must be a file path; got an empty string")
     return path
