@@ -21,10 +21,10 @@ Sync's final loss as the target, and the training seconds each takes to first re
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ._common import md_table, pyplot, run_mpi, save_figure, write_json
-from .lowbandwidth import HOSTS, QUALITY_GOAL, RANKS_PER_HOST, TIME_GOAL
+from .lowbandwidth import HOSTS, QUALITY_GOAL, RANKS_PER_HOST, TIME_GOAL, to_target, worker_args
 
 __all__ = ["NAME", "run", "summary_rows", "markdown"]
 
@@ -38,13 +38,8 @@ TIMEOUT_S = {False: 1800, True: 180}
 
 def _train(hosts: Any, rate: str, args: list[str], steps: int, eval_every: int, quick: bool) -> dict[str, Any]:
     hosts.set_link_rate(rate)
-    common = ["--steps", str(steps), "--eval-every", str(eval_every)] + (["--quick"] if quick else [])
-    return run_mpi(WORKER, HOSTS * RANKS_PER_HOST, [*args, *common], timeout=TIMEOUT_S[quick],
-                   hosts=hosts).results[0]
-
-
-def _first_at_or_below(curve: list[dict[str, Any]], target: float) -> Optional[dict[str, Any]]:
-    return next((p for p in curve if p["loss"] <= target), None)
+    return run_mpi(WORKER, HOSTS * RANKS_PER_HOST, [*args, *worker_args(steps, eval_every, quick)],
+                   timeout=TIMEOUT_S[quick], hosts=hosts).results[0]
 
 
 def measure(quick: bool, hosts: Any) -> dict[str, Any]:
@@ -56,17 +51,17 @@ def measure(quick: bool, hosts: Any) -> dict[str, Any]:
     target = sync["final_loss"]
     sync_step_s = probe["curve"][-1]["seconds"] / cfg["probe_steps"]
     # the target is Sync's loss after close(), which equals its last point (every rank holds it)
-    sync_reached = _first_at_or_below(sync["curve"], target) or sync["curve"][-1]
-    sync_seconds = sync_reached["step"] * sync_step_s
-    reached = _first_at_or_below(diloco["curve"], target)
+    sync_step = (to_target(sync["curve"], target) or sync["curve"][-1])["step"]
+    sync_seconds = sync_step * sync_step_s
+    reached = to_target(diloco["curve"], target)
     return {
         "steps": cfg["steps"], "probe_steps": cfg["probe_steps"], "inner_steps": inner,
         "parameters": sync["parameters"], "floor": sync["floor"], "target_loss": target,
         "sync": {"curve": sync["curve"], "final_loss": target, "step_s_100mbit": sync_step_s,
-                 "to_target": {"step": sync_reached["step"], "seconds": sync_seconds}},
+                 "to_target": {"step": sync_step, "seconds": sync_seconds}},
         "sync_probe": {"curve": probe["curve"]},
         "diloco": {"curve": diloco["curve"], "final_loss": diloco["final_loss"],
-                   "to_target": None if reached is None else {"step": reached["step"], "seconds": reached["seconds"]}},
+                   "to_target": reached},
         "final_over_sync": diloco["final_loss"] / target,
         "time_over_sync": None if reached is None else reached["seconds"] / sync_seconds,
     }

@@ -76,7 +76,12 @@ def _configs(quick: bool) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _to_target(curve: list[dict[str, Any]], target: float) -> Optional[dict[str, float]]:
+def worker_args(steps: int, eval_every: int, quick: bool) -> list[str]:
+    """The worker's arguments every configuration shares: its length and evaluation points."""
+    return ["--steps", str(steps), "--eval-every", str(eval_every)] + (["--quick"] if quick else [])
+
+
+def to_target(curve: list[dict[str, Any]], target: float) -> Optional[dict[str, float]]:
     """Seconds and bytes at the first evaluation point whose loss is at or below ``target``."""
     for point in curve:
         if point["loss"] <= target:
@@ -88,7 +93,7 @@ def measure(quick: bool, hosts: Any, rate: str) -> dict[str, Any]:
     """Every configuration at one link rate; the first (Sync) sets the target."""
     hosts.set_link_rate(rate)
     steps = STEPS[quick]
-    common = ["--steps", str(steps["steps"]), "--eval-every", str(steps["eval_every"])] + (["--quick"] if quick else [])
+    common = worker_args(steps["steps"], steps["eval_every"], quick)
     configs = _configs(quick)
     if quick:  # one job runs every configuration in turn (THEN-separated): one start-up, not one each
         joined = [arg for i, (_, args) in enumerate(configs) for arg in [*([THEN] if i else []), *args, *common]]
@@ -117,7 +122,7 @@ def measure(quick: bool, hosts: Any, rate: str) -> dict[str, Any]:
     for r in runs:
         if "failed" in r:
             continue
-        r["to_target"] = _to_target(r["curve"], target)
+        r["to_target"] = to_target(r["curve"], target)
         r["final_over_sync"] = r["final_loss"] / target
         last = r["curve"][-1]
         r["seconds_over_sync"] = last["seconds"] / end["seconds"]
