@@ -11,9 +11,13 @@ import pytest
 
 from mpirun import SCRIPTS, Checks, run_job
 
+STEPS = 5  # tests/scripts/torch_zero.py's training steps per case
+
 CASES = ["sgd-stage1", "sgd-stage2", "adam-stage1", "adam-stage2", "adamw-stage1", "adamw-stage2",
          "adam-stage1-clip", "adam-stage2-clip", "sgd-stage1-freeze", "adamw-stage2-freeze",
-         "adam-stage2-mixed", "adamw-stage1-rounds", "sgd-stage2-rounds", "adam-stage1-scaler"]
+         "adam-stage2-mixed", "adamw-stage1-rounds", "sgd-stage2-rounds", "adam-stage1-scaler",
+         "adam-stage2-chunks", "sgd-stage1-chunks-rounds", "adamw-stage2-chunks-freeze",
+         "adam-stage2-chunks-partial", "sgd-stage1-partial"]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,13 @@ def test_zero_equals_sync_after_every_step_of_training(runs, ranks, case):
         assert found["norms"] == found["ref_norms"] == [16.0, 16.0, 8.0, 8.0, 8.0]
     if "freeze" in case:
         assert found["frozen_kept"] is True  # frozen parameters kept their bits
+    # two param groups of one bucket each; with 30-element buckets the first group's weight
+    # (35) and bias (7) are a bucket each: [w0], [b0], [w1 b1]
+    assert found["buckets"] == (3 if "chunks" in case else 2)
     if "stage2" in case:
         assert found["grads_none"] is True  # no partial gradient for a local norm to misread
+        # reduce-scattered and freed during backward, not at its end (layer 0 frozen: no hook)
+        assert found["freed_in_backward"] == [True] * (STEPS - 2 if "freeze" in case else STEPS)
     elif "freeze" not in case:
         assert found["grads_full"] is True
 

@@ -66,6 +66,14 @@ SHARDABLE = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.A
 #: round's buffer stays small beside the model.
 ROUND_ELEMENTS = 1 << 24
 
+#: A bucket closes once it holds at least this many elements: stage 2 reduce-scatters a
+#: bucket as soon as backward has produced its gradients and frees them, so at most about one
+#: bucket of gradients exists at a time (PyTorch DDP's buckets, 25 MB by default, are the same idea).
+CHUNK_ELEMENTS = 1 << 22
+
+#: Stage 2: bucket reductions under way at once, at most (each holds its bucket's gradients).
+IN_FLIGHT = 2
+
 #: State entries of the :data:`SHARDABLE` optimizers that are one value per tensor (the
 #: step count, NAdam's running product); every other tensor entry is element by element.
 _PER_TENSOR_KEYS = frozenset({"step", "mu_product"})
@@ -76,9 +84,6 @@ _WIRE_DTYPES = {torch.bfloat16: torch.float32}
 #: Numbers the ZeRO optimizers of this process in order (the same on every rank).
 _numbers = itertools.count()
 
-#: Dtypes whose reduce-scatter goes through MPI (``MPI_Reduce_scatter`` into a kept buffer)
-#: where there is an MPI world and the tensors are on the host; others through Horovod.
-_MPI_SUMS = (torch.float32, torch.float64)
 
 
 def _mpi() -> Any:
@@ -126,6 +131,23 @@ class _Bucket:
     pieces: list[_Piece] = field(default_factory=list)
 
 
+def _chunks(group: int, dtype: torch.dtype, device: torch.device, members: list[_Member],
+            least: int) -> list[_Bucket]:
+    """``members`` (one param group's parameters of one dtype and device, in the group's order)
+    cut into buckets of consecutive parameters, each closed once it holds ``least`` elements
+    or more; a parameter of ``least`` elements or more is a bucket of its own (its gradient is
+    reduce-scattered, and its values all-gathered, in place). Each member's ``offset`` is set
+    within its bucket."""
+    buckets: list[_Bucket] = []
+    for m in members:
+        if not buckets or buckets[-1].length >= least or (buckets[-1].members and m.numel >= least):
+            buckets.append(_Bucket(group, dtype, device, [], 0))
+        m.offset = buckets[-1].length
+        buckets[-1].members.append(m)
+        buckets[-1].length += m.numel
+    return buckets
+
+
 def refuse_unshardable(optimizer: torch.optim.Optimizer) -> None:
     """Raise :class:`UsageError` unless ``optimizer`` is an exact :data:`SHARDABLE` class. Local
     and the same on every rank (the same class everywhere: the constructor checked the model)."""
@@ -154,6 +176,7 @@ class ShardedOptimizer:
         self._hvd, self._optimizer, self._comm = hvd, optimizer, comm
         self._stage, self._gradients = stage, gradients
         self._rank, self._size = hvd.rank(), hvd.size()
+        self._one_node = hvd.local_size() == hvd.size()
         self._prefix = f"hvdagents.zero.{next(_numbers)}."
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._buckets: list[_Bucket] = []
@@ -173,6 +196,14 @@ class ShardedOptimizer:
         self._in_pass = False
         self._syncing = True
         self._hooked: set[int] = set()
+        # stage 2, the averaging pass under way: its ranks still training, the ids of the
+        # parameters whose gradient arrived, of those this rank had a gradient for, the next
+        # bucket to reduce (from the last)
+        self._active = float(self._size)
+        self._arrived: set[int] = set()
+        self._had: set[int] = set()
+        self._next = -1
+        self._in_flight: list[tuple[_Bucket, Any]] = []  # reductions under way: (bucket, Horovod handle)
         try:
             self._layout()
             self._take_state(self._optimizer.state_dict(), root=None)
@@ -192,19 +223,18 @@ class ShardedOptimizer:
             return
         index = sum(len(g) for g in self._groups)
         for gi in range(len(self._groups), len(groups)):
-            new: dict[tuple[torch.dtype, torch.device], _Bucket] = {}
+            kinds: dict[tuple[torch.dtype, torch.device], list[_Member]] = {}
             for p in self._optimizer.param_groups[gi]["params"]:
                 name = self._names.get(id(p))
                 if name is None:
                     raise UsageError("the optimizer holds a parameter that is not in the agent's model "
                                      f"(shape {tuple(p.shape)}); build the optimizer from model.parameters()")
-                bucket = new.setdefault((p.dtype, p.device), _Bucket(gi, p.dtype, p.device, [], 0))
-                bucket.members.append(_Member(p, name, index, bucket.length, p.numel()))
-                bucket.length += p.numel()
+                kinds.setdefault((p.dtype, p.device), []).append(_Member(p, name, index, 0, p.numel()))
                 index += 1
-            for bucket in new.values():
-                self._partition(bucket)
-                self._buckets.append(bucket)
+            for (dtype, device), members in kinds.items():
+                for bucket in _chunks(gi, dtype, device, members, CHUNK_ELEMENTS):
+                    self._partition(bucket)
+                    self._buckets.append(bucket)
             self._add_inner_group(gi)
         self._groups = groups
         if self._stage == 2:
@@ -329,7 +359,8 @@ class ShardedOptimizer:
                 return
             kind = totals[1].item() / active
             if kind == _PASS:
-                self._reduce(totals, contribute=False)
+                self._active, self._next = active, len(self._buckets) - 1
+                self._finish_pass(contribute=False)
             elif kind == _CLIP:
                 _, (max_norm, norm_type) = self._exchange(None)
                 self._clip_ranges(max_norm, norm_type)
@@ -384,9 +415,18 @@ class ShardedOptimizer:
         """Collective: every rank's range of every bucket into the parameters that had a
         gradient (in rounds of at most :data:`ROUND_ELEMENTS`)."""
         for b, bucket in enumerate(self._buckets):
-            for j, parts in enumerate(rounds(bucket.length, self._size, ROUND_ELEMENTS)):
+            plan = rounds(bucket.length, self._size, ROUND_ELEMENTS)
+            only = bucket.members[0].param if len(bucket.members) == 1 and len(plan) == 1 else None
+            for j, parts in enumerate(plan):
                 lo, hi = parts[self._rank]
                 mine = bucket.values[lo - bucket.lo:hi - bucket.lo]
+                if (self._comm is not None and mine.device.type == "cpu" and only is not None and id(only) in present
+                        and only.is_contiguous() and only.dtype == mine.dtype):  # one parameter: into it
+                    size = mine.element_size()
+                    self._comm.Allgatherv(mine.view(torch.uint8).numpy(),
+                                          [only.data.view(-1).view(torch.uint8).numpy(),
+                                           [(z - a) * size for a, z in parts]])
+                    continue
                 if self._comm is not None and mine.device.type == "cpu":  # MPI into a kept buffer
                     whole = self._buffer("gather", sum(z - a for a, z in parts), mine.dtype, mine.device)
                     size = mine.element_size()
@@ -431,34 +471,75 @@ class ShardedOptimizer:
             self._syncing = previous
 
     def _on_gradient(self, p: torch.Tensor) -> None:
-        if not self._in_pass and self._syncing:
+        if not self._syncing:
+            return
+        if not self._in_pass:
+            self._begin_pass()
             self._in_pass = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+        self._arrived.add(id(p))
+        self._reduce_ready()
+
+    def _begin_pass(self) -> None:
+        """Collective (stage 2, at the first gradient of an averaging pass): the presence
+        all-reduce, which counts the ranks still training (a rank that closed serves from
+        here) and checks that they train the same parameters. Buckets are then reduced from
+        the last, the order in which backward produces them."""
+        self._layout()
+        totals = self._event(_PASS)
+        self._active = totals[0].item()
+        self._left = self._left or self._active != self._size
+        self._arrived, self._had, self._next = set(), set(), len(self._buckets) - 1
+
+    def _reduce_ready(self) -> None:
+        """Collective (stage 2, during backward): reduce-scatter, in bucket order from the last,
+        every bucket whose trainable parameters have all had their gradient accumulated in
+        this pass, and free those gradients. A bucket waiting on a parameter this pass does not
+        reach holds back the ones before it until :meth:`_end_pass`, so every rank makes the
+        same reductions in the same order whatever its graph."""
+        while self._next >= 0:
+            bucket = self._buckets[self._next]
+            if any(m.param.requires_grad and id(m.param) not in self._arrived for m in bucket.members):
+                return
+            self._reduce_bucket(self._next, contribute=True)
+            self._next -= 1
 
     def _end_pass(self) -> None:
-        """Collective: the mean of this pass's gradients over the ranks still training, this
-        rank's range added to what earlier passes since the step left; ``.grad`` becomes ``None``."""
+        """Collective (stage 2, at the end of backward): the buckets not reduced yet, then which
+        parameters some rank had a gradient for. ``.grad`` is ``None`` from here to the step."""
         self._in_pass = False
-        self._layout()
-        flags = [1.0 if m.param.grad is not None else 0.0 for b in self._buckets for m in b.members]
-        totals = self._event(_PASS, flags)
-        self._left = self._left or totals[0].item() != self._size
-        self._reduce(totals, contribute=True)
+        self._finish_pass(contribute=True)
 
-    def _event(self, kind: float, flags: list[float] | None = None) -> torch.Tensor:
-        """Collective (stage 2): the presence all-reduce, ``[1, kind, flags..., checksum,
-        checksum**2]`` summed over the ranks (flags: this rank had a gradient, per parameter);
-        a rank that closed sends zeros (``kind`` 0). The ranks still training raise
-        :class:`~hvdagents.ModelMismatchError` when they differ in their trainable names or
-        in ``kind``."""
+    def _finish_pass(self, contribute: bool) -> None:
+        """Collective (stage 2): reduce-scatter the buckets left (zeros for the gradients this
+        rank lacks; a rank that closed, ``contribute=False``, sends zeros only), then one
+        all-reduce of the flags "this rank had a gradient", per parameter."""
+        while self._next >= 0:
+            self._reduce_bucket(self._next, contribute)
+            self._next -= 1
+        self._settle(0)
+        members = [m for b in self._buckets for m in b.members]
+        flags = torch.tensor([1.0 if id(m.param) in self._had else 0.0 for m in members], dtype=torch.float64)
+        try:
+            counts = self._hvd.allreduce(flags, name=f"{self._prefix}flags", op=self._hvd.Sum)
+        except Exception as err:  # noqa: BLE001 - Horovod reports a shape mismatch here
+            raise self._mismatch(sum(m.param.requires_grad for m in members)) from err
+        self._present.update(id(m.param) for m, count in zip(members, counts.tolist()) if count > 0)
+        self._had = set()
+        self._reduced = True
+
+    def _event(self, kind: float) -> torch.Tensor:
+        """Collective (stage 2): the presence all-reduce, ``[1, kind, checksum, checksum**2]``
+        summed over the ranks; a rank that closed sends zeros (``kind`` 0). The ranks still
+        training raise :class:`~hvdagents.ModelMismatchError` when they differ in their
+        trainable names or in ``kind``."""
         members = [m for b in self._buckets for m in b.members]
         trained = [m.name for m in members if m.param.requires_grad]
         if kind == 0.0:
-            presence = torch.zeros(len(members) + 4, dtype=torch.float64)
+            presence = torch.zeros(4, dtype=torch.float64)
         else:
             checksum = float(names_checksum(trained))
-            flags = flags if flags is not None else [0.0] * len(members)
-            presence = torch.tensor([1.0, kind, *flags, checksum, checksum * checksum], dtype=torch.float64)
+            presence = torch.tensor([1.0, kind, checksum, checksum * checksum], dtype=torch.float64)
         try:
             totals = self._hvd.allreduce(presence, name=f"{self._prefix}presence", op=self._hvd.Sum)
         except Exception as err:  # noqa: BLE001 - Horovod reports a shape mismatch here
@@ -469,58 +550,64 @@ class ShardedOptimizer:
             raise self._mismatch(len(trained))
         return totals
 
-    def _reduce(self, totals: torch.Tensor, contribute: bool) -> None:
-        """Collective (stage 2, after a pass's presence): reduce-scatter every bucket (zeros
-        from a rank that closed, ``contribute=False``) and divide by the ranks still training."""
-        members = [m for b in self._buckets for m in b.members]
-        for m, count in zip(members, totals[2:-2].tolist()):
-            if count > 0:
-                self._present.add(id(m.param))
-        active = totals[0].item()
-        with torch.no_grad():
-            for b, bucket in enumerate(self._buckets):
-                self._reduce_scatter(b, bucket, active, contribute)
-            if contribute:
-                for m in members:
-                    m.param.grad = None
-        self._reduced = True
-
-    def _reduce_scatter(self, b: int, bucket: _Bucket, active: float, contribute: bool) -> None:
+    def _reduce_bucket(self, b: int, contribute: bool) -> None:
+        """Start the sum over the ranks of bucket ``b``'s gradients (Horovod, asynchronous, on
+        its background thread while backward goes on): one node, an in-place all-reduce of
+        which this rank keeps its range (Open MPI's shared-memory all-reduce beats its
+        reduce-scatter); across nodes, a reduce-scatter (half the bytes on the wire). The
+        members' ``.grad`` are freed (``contribute``: this rank is training; else it sends
+        zeros). At most :data:`IN_FLIGHT` buckets are under way: beyond, the oldest is waited for."""
+        bucket = self._buckets[b]
         wire_dtype = _WIRE_DTYPES.get(bucket.dtype, bucket.dtype)
-        grads = self._grads.get(id(bucket))
-        if grads is None:  # the first pass since the step: the bucket's buffer, zeroed (kept: no page faults)
-            grads = self._buffers.get(id(bucket))
-            if grads is None:
-                grads = self._buffers[id(bucket)] = torch.empty(bucket.hi - bucket.lo, dtype=bucket.dtype,
-                                                                device=bucket.device)
-            self._grads[id(bucket)] = grads.zero_()
-        whole = contribute and all(m.param.grad is not None for m in bucket.members)
-        for j, parts in enumerate(rounds(bucket.length, self._size, ROUND_ELEMENTS)):
-            send = self._buffer("send", sum(hi - lo for lo, hi in parts), wire_dtype, bucket.device)
-            if not whole:
-                send.zero_()
-            at = 0
-            for lo, hi in parts:
-                for m in bucket.members:
-                    a, z = max(lo, m.offset), min(hi, m.offset + m.numel)
-                    if a < z and contribute and m.param.grad is not None:
-                        send[at + a - lo:at + z - lo].copy_(m.param.grad.reshape(-1)[a - m.offset:z - m.offset])
-                at += hi - lo
-            lo, hi = parts[self._rank]
-            if self._comm is not None and send.device.type == "cpu" and wire_dtype in _MPI_SUMS:
-                mine = self._buffer("mine", hi - lo, wire_dtype, send.device)  # MPI into a kept buffer
-                self._comm.Reduce_scatter(send.numpy(), mine.numpy(), [z - a for a, z in parts], op=_mpi().SUM)
+        grads = [m.param.grad if contribute else None for m in bucket.members]
+        first = grads[0]
+        with torch.no_grad():
+            if (len(grads) == 1 and first is not None and first.is_contiguous() and first.dtype == wire_dtype
+                    and first.device == bucket.device):
+                send = first.detach().reshape(-1)  # the gradient itself: one parameter
             else:
-                mine = self._hvd.reducescatter(send, name=f"{self._prefix}scatter.{b}.{j}", op=self._hvd.Sum)
-            if mine.numel() != hi - lo:
+                whole = all(g is not None for g in grads)
+                send = (torch.empty if whole else torch.zeros)(bucket.length, dtype=wire_dtype, device=bucket.device)
+                for m, g in zip(bucket.members, grads):
+                    if g is not None:
+                        send[m.offset:m.offset + m.numel].copy_(g.reshape(-1))
+        for m, g in zip(bucket.members, grads):
+            if g is not None:
+                self._had.add(id(m.param))
+            if contribute:
+                m.param.grad = None
+        name = f"{self._prefix}scatter.{b}"
+        if self._one_node:
+            handle = self._hvd.allreduce_async_(send, name=name, op=self._hvd.Sum)
+        else:
+            handle = self._hvd.reducescatter_async(send, name=name, op=self._hvd.Sum)
+        self._in_flight.append((bucket, handle))
+        self._settle(IN_FLIGHT)
+
+    def _settle(self, keep: int) -> None:
+        """Add the finished reductions (all but ``keep`` at most still under way, oldest
+        first) to this rank's range of the mean gradient, divided by the ranks training."""
+        while self._in_flight and (len(self._in_flight) > keep or self._hvd.poll(self._in_flight[0][1])):
+            bucket, handle = self._in_flight.pop(0)
+            out = self._hvd.synchronize(handle)
+            mine = out[bucket.lo:bucket.hi] if self._one_node else out
+            if mine.numel() != bucket.hi - bucket.lo:
                 raise RuntimeError(f"Horovod's reducescatter gave rank {self._rank} {mine.numel()} elements; "
-                                   f"the partition expects {hi - lo}")
-            grads[lo - bucket.lo:hi - bucket.lo].add_(mine.div_(active).to(bucket.dtype))
+                                   f"the partition expects {bucket.hi - bucket.lo}")
+            grads = self._grads.get(id(bucket))
+            if grads is None:  # the first pass since the step: the bucket's buffer, zeroed (kept: no page faults)
+                grads = self._buffers.get(id(bucket))
+                if grads is None:
+                    grads = self._buffers[id(bucket)] = torch.empty(bucket.hi - bucket.lo, dtype=bucket.dtype,
+                                                                    device=bucket.device)
+                self._grads[id(bucket)] = grads.zero_()
+            with torch.no_grad():
+                grads.add_(mine.div_(self._active).to(bucket.dtype))
 
     def _buffer(self, role: str, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The first ``length`` elements of a buffer kept for one role of the collectives
-        (``"send"``, ``"mine"``: a reduce-scatter's input and output; ``"gather"``: an
-        all-gather's output), at most one round (:data:`ROUND_ELEMENTS`) long: a fresh buffer
+        (``"gather"``: an all-gather's output), at most one round (:data:`ROUND_ELEMENTS`)
+        long: a fresh buffer
         per step would fault its pages in again (tens of milliseconds per 10M elements)."""
         buffer = self._kept.get((role, dtype, device))
         if buffer is None or buffer.numel() < length:

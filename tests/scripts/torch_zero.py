@@ -63,10 +63,15 @@ def make(strategy, optimizer="adam", mixed=False):
     return model, opt, hva.TorchAgent(model, opt, strategy=strategy)
 
 
-def backward(model, step, scaler=None):
-    """``scaler``: a GradScaler; rank 1's loss is infinite at step 2 (every rank must skip it)."""
+def backward(model, step, scaler=None, partial=False):
+    """``scaler``: a GradScaler; rank 1's loss is infinite at step 2 (every rank must skip it).
+    ``partial``: the last layer's weight has a gradient on rank 0 only."""
     rows = np.arange(step * BATCH, (step + 1) * BATCH)[hva.shard(np.arange(BATCH))]
-    out = model(X[rows].to(model[0].weight.dtype))
+    x = X[rows].to(model[0].weight.dtype)
+    if partial and ctx.rank != 0:
+        out = torch.nn.functional.linear(model[1](model[0](x)), model[2].weight.detach(), model[2].bias)
+    else:
+        out = model(x)
     loss = torch.nn.functional.mse_loss(out.double(), Y[rows])
     if scaler is None:
         return loss.backward()
@@ -79,7 +84,7 @@ def flat(model):
     return torch.cat([p.detach().double().reshape(-1) for p in model.parameters()]).numpy()
 
 
-def train(model, opt, agent, steps, first=0, clip=None, freeze=None, hook=None, scaler=None):
+def train(model, opt, agent, steps, first=0, clip=None, freeze=None, hook=None, scaler=None, partial=False):
     """``clip``: ("user" | "agent", max_norm); ``freeze``: steps during which layer 0 is frozen;
     ``scaler``: a GradScaler (its scale after every step is appended to the norms).
     Returns the clipping norms (or scales) seen and whether frozen weights kept their bits."""
@@ -90,7 +95,7 @@ def train(model, opt, agent, steps, first=0, clip=None, freeze=None, hook=None, 
             p.requires_grad_(not frozen)
         before = flat(model)
         opt.zero_grad()
-        backward(model, s, scaler)
+        backward(model, s, scaler, partial)
         if hook is not None:
             hook(s)
         if clip is not None:
@@ -117,16 +122,19 @@ def identical(model):
 
 
 # 1. ZeRO stage 1 and 2 equal Sync (SGD with momentum, Adam, AdamW; two param groups; mixed
-#    dtypes; clipping by global norm; frozen then unfrozen parameters; small rounds).
+#    dtypes; clipping by global norm; frozen then unfrozen parameters; small rounds; small
+#    buckets (stage 2 reduces them during backward); a weight with a gradient on rank 0 only).
 CASES = [(opt, stage, {}) for opt in OPTIMIZERS for stage in (1, 2)] + [
     ("adam", 1, {"clip": ("user", 0.05)}), ("adam", 2, {"clip": ("agent", 0.05)}),
     ("sgd", 1, {"freeze": {1, 2}}), ("adamw", 2, {"freeze": {1, 2}}),
     ("adam", 2, {"mixed": True}), ("adamw", 1, {"rounds": 5}), ("sgd", 2, {"rounds": 5}),
-    ("adam", 1, {"scaler": True}),
+    ("adam", 1, {"scaler": True}), ("adam", 2, {"chunks": 30}), ("sgd", 1, {"chunks": 30, "rounds": 5}),
+    ("adamw", 2, {"chunks": 30, "freeze": {1, 2}}), ("adam", 2, {"chunks": 30, "partial": True}),
+    ("sgd", 1, {"partial": True}),
 ]
 for name, stage, options in CASES:
     case = "-".join([name, f"stage{stage}", *sorted(options)])
-    kwargs = {k: v for k, v in options.items() if k in ("clip", "freeze")}
+    kwargs = {k: v for k, v in options.items() if k in ("clip", "freeze", "partial")}
     scaler = (lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)) if options.get("scaler") else lambda: None
     model, opt, agent = make(hva.Sync(), name, options.get("mixed", False))
     start = flat(model)
@@ -134,18 +142,25 @@ for name, stage, options in CASES:
     reference = flat(model)
     agent.close()
     torch_sharded.ROUND_ELEMENTS = options.get("rounds", 1 << 24)
+    torch_sharded.CHUNK_ELEMENTS = options.get("chunks", 1 << 22)
     model, opt, agent = make(hva.ZeRO(stage=stage), name, options.get("mixed", False))
+    buckets = len(agent._sharded._buckets)
     grads_after_backward = []
 
     def record(step, model=model, seen=grads_after_backward):
         seen.append([None if p.grad is None else float(p.grad.abs().sum()) for p in model.parameters()])
 
+    freed = []  # stage 2: the last layer's gradients already reduced and freed when backward reaches layer 0
+    handle = model[0].weight.register_post_accumulate_grad_hook(
+        lambda p, model=model, freed=freed: freed.append(model[2].weight.grad is None and model[2].bias.grad is None))
     norms, kept = train(model, opt, agent, STEPS, hook=record, scaler=scaler(), **kwargs)
-    torch_sharded.ROUND_ELEMENTS = 1 << 24
+    handle.remove()
+    torch_sharded.ROUND_ELEMENTS, torch_sharded.CHUNK_ELEMENTS = 1 << 24, 1 << 22
     dtype_tol = 1e-6 if options.get("mixed") else 1e-9
     report(f"equal:{case}", max_abs=float(np.abs(flat(model) - reference).max()), tol=dtype_tol,
            moved=float(np.abs(reference - start).max()), identical=identical(model),
            user_state=len(opt.state), norms=norms, ref_norms=ref_norms, frozen_kept=kept,
+           buckets=buckets, freed_in_backward=freed,
            grads_none=all(g is None for step in grads_after_backward for g in step),
            grads_full=all(g is not None for step in grads_after_backward for g in step))
     agent.close()
