@@ -1,5 +1,7 @@
 """One way out of a training job, 2 ranks: rank 1 leaves (or stops) at step FAIL_STEP while
-rank 0 trains on and then closes its agent. Usage: ways_out.py STRATEGY WAY.
+rank 0 trains on and then closes its agent. Usage: ways_out.py STRATEGY WAY [STRATEGY WAY ...]:
+several pairs run one after another in the same job (each with its own model and agent), for
+the ways that end well (``closed``, ``uneven``): one launch checks them all.
 
 WAY: ``exit`` (sys.exit(3), agent open), ``caught`` (the script catches an exception, leaves
 its loop and returns normally: exit code 0, agent open), ``os_exit`` (os._exit(4)),
@@ -7,8 +9,9 @@ its loop and returns normally: exit code 0, agent open), ``os_exit`` (os._exit(4
 ``closed`` (no failure: every rank closes and exits 0), ``requeue`` (every rank leaves
 through ``PreemptionFlag.exit_for_requeue()`` at step FAIL_STEP, agent open), ``uneven`` (rank 1 has fewer batches
 per epoch, and every rank calls ``PreemptionFlag.should_stop()`` at the end of each epoch).
-The failing rank prints ``FAILING_AT <time.time()>`` just before it fails; every rank that
-finishes prints ``DONE rank N``.
+The failing rank prints ``FAILING_AT <time.time()>`` just before it fails; every rank prints
+``DONE STRATEGY WAY rank N`` when it closed that pair's agent, and ``DONE rank N`` when it
+finished every pair.
 """
 
 import os
@@ -54,9 +57,8 @@ def fail(way: str) -> int:
     return 0
 
 
-def main() -> int:
-    strategy, way = sys.argv[1], sys.argv[2]
-    ctx = hva.init()
+def run(ctx, strategy: str, way: str) -> int | None:
+    """One (strategy, way): a return value is the script's (rank 1 left), None: it closed."""
     flag = PreemptionFlag() if way in ("uneven", "requeue") else None
     torch.manual_seed(ctx.rank)
     model = torch.nn.Linear(4, 1)
@@ -86,6 +88,21 @@ def main() -> int:
             if ctx.rank == 1 and done == FAIL_STEP and way not in ("closed", "requeue"):
                 return fail(way)
     agent.close()
+    if flag is not None:
+        flag.close()
+    print(f"DONE {strategy} {way} rank {ctx.rank}", flush=True)
+    return None
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if not args or len(args) % 2:
+        raise SystemExit(f"usage: ways_out.py STRATEGY WAY [STRATEGY WAY ...]; got {args}")
+    ctx = hva.init()
+    for strategy, way in zip(args[::2], args[1::2]):
+        left = run(ctx, strategy, way)
+        if left is not None:
+            return left
     print(f"DONE rank {ctx.rank}", flush=True)
     return 0
 
