@@ -1,13 +1,15 @@
 """ZeRO for ``TorchAgent``: the user's optimizer stepped on this rank's range of the parameters.
 
-**Partition.** Each (param group, dtype, device) of the user's optimizer is a *bucket*: its
-parameters' elements in the group's order, one flat vector cut by
+**Partition.** The parameters of each (param group, dtype, device) of the user's optimizer,
+in the group's order, are cut into *buckets* of consecutive parameters (a bucket closes once
+it holds :data:`CHUNK_ELEMENTS` elements; a parameter that large is a bucket of its own).
+Each bucket's elements are one flat vector cut by
 :func:`~hvdagents.strategies.sharded.shard_ranges` (contiguous, rank order, balanced to
 within one element). The parts of parameters that fall in this rank's range are *pieces*:
 1-D views into one buffer per bucket (this rank's values). An *inner* optimizer of the
 user's class holds the pieces, in param groups aligned with the user's, so its state (and
-so the optimizer memory) is this rank's range only: exactly ``1/N`` of ``Sync``'s, to within
-one element per bucket. Exact for optimizers whose update of an element depends on that
+so the optimizer memory) is this rank's ranges only: ``1/N`` of ``Sync``'s, to within one
+element per bucket. Exact for optimizers whose update of an element depends on that
 element alone (:data:`SHARDABLE`); any other class is refused on every rank.
 
 **A step** (whoever steps the user's optimizer: a pre-hook does the work, then hides the
@@ -18,10 +20,21 @@ post-hook gives them back):
 2. this rank's range of the parameters is read into the pieces (parameters re-read);
 3. the pieces' gradients are this rank's range of the mean gradient: stage 1, slices of the
    all-reduced ``.grad`` (:class:`~.torch_grads.GradientAllreducer`); stage 2, what the
-   reduce-scatter at the end of backward left (``.grad`` is ``None`` from then on);
+   bucket reductions during backward left (``.grad`` is ``None`` from then on);
 4. the inner optimizer steps (``None`` gradients are skipped, as the user's would);
 5. the ranges are all-gathered (in rounds, :func:`~hvdagents.strategies.sharded.rounds`)
    and written into every parameter that had a gradient; the others keep their bits.
+
+**Stage 2's backward pass.** Its first gradient opens the pass with a small presence
+all-reduce (the ranks still training; the same trainable names everywhere). Then, from the
+last bucket to the first, each bucket whose trainable parameters have all had their gradient
+accumulated is summed over the ranks (Horovod, asynchronous: an in-place all-reduce on one
+node, of which this rank keeps its range; a reduce-scatter across nodes) and its ``.grad``
+freed, so at most about :data:`IN_FLIGHT` buckets of gradients exist at once instead of the
+whole gradient. A bucket waiting on a parameter this pass does not reach (unused, or used on
+other ranks only) holds back those before it until the end of backward, where the rest go
+(zeros for what this rank lacks) and one all-reduce says which parameters had a gradient on
+some rank.
 
 **Uneven data** (as under ``Sync``): a rank that runs out of batches closes its agent and
 then *serves* (:meth:`ShardedOptimizer.serve`) until every rank has closed: it takes part in
