@@ -2,7 +2,8 @@
 1/N of the optimizer state, keeps frozen layers and evens out uneven shards as Sync does, and its
 checkpoints go 2 ranks -> 3 ranks -> one plain process.
 Three launches: tests/scripts/keras_zero.py at 2 ranks (saves) and 3 ranks (loads; 59
-parameters make uneven ranges), then tests/scripts/keras_zero_plain.py alone."""
+parameters make uneven ranges), then tests/scripts/keras_zero_plain.py alone; a fourth runs the
+2-rank script on 4 ranks across the two simulated hosts."""
 
 import json
 import os
@@ -50,11 +51,13 @@ def test_global_clipnorm_acted_on_the_whole_mean_gradient(runs, ranks, stage):
     assert runs[ranks][f"clip_acted:stage{stage}"]["difference"] > 1e-3  # and equal to Sync's (above)
 
 
+REFUSED = [("adafactor", "keras.optimizers.Adafactor"), ("subclass", "__main__.MyAdam"),
+           ("lossscale", "keras.optimizers.LossScaleOptimizer"),
+           ("clipnorm", "keras.optimizers.Adam with clipnorm=1.0")]
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
-@pytest.mark.parametrize("label,named", [("adafactor", "keras.optimizers.Adafactor"),
-                                         ("subclass", "__main__.MyAdam"),
-                                         ("lossscale", "keras.optimizers.LossScaleOptimizer"),
-                                         ("clipnorm", "keras.optimizers.Adam with clipnorm=1.0")])
+@pytest.mark.parametrize("label,named", REFUSED)
 def test_optimizers_that_cannot_be_cut_are_refused_on_every_rank(runs, ranks, label, named):
     outcomes = runs[ranks][f"refused:{label}"]["outcomes"]
     assert len(outcomes) == ranks
@@ -122,3 +125,28 @@ def test_three_ranks_checkpoint_resumes_in_a_plain_process(runs):
     assert found["loaded_bitwise"] is True  # the file holds the parameters the 3 ranks had
     assert found["steps"] == 9  # Adam's step count went on from the saved 6
     assert found["max_abs"] < 1e-9  # equal to the 2-rank straight run after step 9
+
+
+# The 2-rank script on 4 ranks across the two simulated hosts (2 x 2, TCP between them): every
+# check above that it makes (59 % 4 == 3: uneven ranges), with the same assertions.
+@pytest.fixture(scope="module")
+def across_hosts(two_hosts, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("keras_zero_hosts")
+    return Checks(two_hosts.run(two_hosts.mpirun(SCRIPTS / "keras_zero.py", 2, [str(directory), "save"]),
+                                timeout=420))
+
+
+def test_zero_equals_sync_on_four_ranks_across_hosts_in_every_check(across_hosts):
+    across_hosts.job.check()
+    runs = {4: across_hosts}
+    for case in CASES:
+        test_zero_equals_sync_after_training(runs, 4, case)
+    for stage in (1, 2):
+        test_global_clipnorm_acted_on_the_whole_mean_gradient(runs, 4, stage)
+        test_each_rank_holds_exactly_its_range_of_the_optimizer_state(runs, 4, stage)
+        test_frozen_layers_equal_sync_and_only_trainable_elements_are_cut(runs, 4, stage)
+        test_uneven_shards_are_evened_out_and_equal_sync_run_the_same_way(runs, 4, stage)
+    for label, named in REFUSED:
+        test_optimizers_that_cannot_be_cut_are_refused_on_every_rank(runs, 4, label, named)
+    assert across_hosts["resume"]["ranks"] == 4
+    test_resume_at_the_same_world_size_is_bitwise({2: across_hosts})

@@ -1,7 +1,7 @@
 """KerasAgent(ZeRO) against KerasAgent(Sync), float64, under mpirun -np 2 or 3; one job loops
 over the cases. RESULT lines on rank 0.
 
-``keras_zero.py DIR save``  (2 ranks): equivalence, refusals, state bytes, resume; writes
+``keras_zero.py DIR save``  (2 ranks; 4 across the simulated hosts): equivalence, refusals, state bytes, resume; writes
 DIR/two.ckpt (ZeRO stage 2, 2 ranks, after 3 steps) and the straight run's parameters after 6
 and 9 steps (DIR/expected6.npy, expected9.npy).
 ``keras_zero.py DIR load``  (3 ranks: uneven ranges): the same cases, then two.ckpt loaded by
@@ -25,7 +25,7 @@ from hvdagents.runtime import horovod_binding  # noqa: E402
 hvd = horovod_binding("tensorflow")
 keras.config.set_floatx("float64")
 DIRECTORY, PHASE = sys.argv[1], sys.argv[2]
-STEPS, BATCH = 4, 12  # BATCH divisible by 1, 2 and 3: N ranks on shards equal one process on the batch
+STEPS, BATCH = 4, 12  # BATCH divisible by 1, 2, 3 and 4: N ranks on shards equal one process on the batch
 rng = np.random.default_rng(0)
 X = rng.normal(size=(12 * BATCH, 4))
 Y = rng.normal(size=(12 * BATCH, 3))
