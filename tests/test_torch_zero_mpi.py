@@ -17,7 +17,8 @@ CASES = ["sgd-stage1", "sgd-stage2", "adam-stage1", "adam-stage2", "adamw-stage1
          "adam-stage1-clip", "adam-stage2-clip", "sgd-stage1-freeze", "adamw-stage2-freeze",
          "adam-stage2-mixed", "adamw-stage1-rounds", "sgd-stage2-rounds", "adam-stage1-scaler",
          "adam-stage2-chunks", "sgd-stage1-chunks-rounds", "adamw-stage2-chunks-freeze",
-         "adam-stage2-chunks-partial", "sgd-stage1-partial"]
+         "adam-stage2-chunks-partial", "sgd-stage1-partial", "adam-stage2-accumulate", "adamw-stage1-accumulate",
+         "adamw-stage2-add_group", "sgd-stage1-add_group"]
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +55,20 @@ def test_zero_equals_sync_after_every_step_of_training(runs, ranks, case):
     # two param groups of one bucket each; with 30-element buckets the first group's weight
     # (35) and bias (7) are a bucket each: [w0], [b0], [w1 b1]
     assert found["buckets"] == (3 if "chunks" in case else 2)
+    if "accumulate" in case:  # one pass inside no_sync() before each step's own
+        assert found["ref_norms"] == []
     if "stage2" in case:
         assert found["grads_none"] is True  # no partial gradient for a local norm to misread
-        # reduce-scattered and freed during backward, not at its end (layer 0 frozen: no hook)
-        assert found["freed_in_backward"] == [True] * (STEPS - 2 if "freeze" in case else STEPS)
-    elif "freeze" not in case:
+        # reduced and freed during backward, not at its end (layer 0 frozen: no hook); with
+        # accumulation, kept in the pass inside no_sync(); a group added at step 2 is hooked
+        # from the pass after (step 2's is reduced at the end of backward)
+        freed = [True] * (STEPS - 2 if "freeze" in case else STEPS)
+        if "accumulate" in case:
+            freed = [False, True] * STEPS
+        if "add_group" in case:
+            freed = [True, True, False, True, True]
+        assert found["freed_in_backward"] == freed
+    elif "freeze" not in case and "add_group" not in case:  # (frozen layers have no gradient)
         assert found["grads_full"] is True
 
 

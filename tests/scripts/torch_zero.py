@@ -55,10 +55,15 @@ OPTIMIZERS = {
 }
 
 
-def make(strategy, optimizer="adam", mixed=False):
-    """Model, optimizer (two param groups with different hyper-parameters) and agent."""
+def second_group(model):
+    return {"params": list(model[2].parameters()), "lr": 0.03, "weight_decay": 0.02}
+
+
+def make(strategy, optimizer="adam", mixed=False, one_group=False):
+    """Model, optimizer (two param groups with different hyper-parameters; ``one_group``: the
+    first only, the second added later) and agent."""
     model = make_model(mixed)
-    groups = [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": 0.03, "weight_decay": 0.02}]
+    groups = [{"params": model[0].parameters()}] + ([] if one_group else [second_group(model)])
     opt = OPTIMIZERS[optimizer](groups)
     return model, opt, hva.TorchAgent(model, opt, strategy=strategy)
 
@@ -84,9 +89,13 @@ def flat(model):
     return torch.cat([p.detach().double().reshape(-1) for p in model.parameters()]).numpy()
 
 
-def train(model, opt, agent, steps, first=0, clip=None, freeze=None, hook=None, scaler=None, partial=False):
+def train(model, opt, agent, steps, first=0, clip=None, freeze=None, hook=None, scaler=None, partial=False,
+          accumulate=False, add_group=None):
     """``clip``: ("user" | "agent", max_norm); ``freeze``: steps during which layer 0 is frozen;
-    ``scaler``: a GradScaler (its scale after every step is appended to the norms).
+    ``scaler``: a GradScaler (its scale after every step is appended to the norms);
+    ``accumulate``: a backward pass inside ``agent.no_sync()`` (batch s + 6) before each step's
+    own; ``add_group``: the step before which the second param group (frozen until then) is
+    added.
     Returns the clipping norms (or scales) seen and whether frozen weights kept their bits."""
     norms, kept = [], True
     for s in range(first, first + steps):
@@ -94,7 +103,15 @@ def train(model, opt, agent, steps, first=0, clip=None, freeze=None, hook=None, 
         for p in model[0].parameters():
             p.requires_grad_(not frozen)
         before = flat(model)
+        if add_group is not None:
+            for p in model[2].parameters():
+                p.requires_grad_(s >= add_group)
+        if s == add_group:
+            opt.add_param_group(second_group(model))
         opt.zero_grad()
+        if accumulate:
+            with agent.no_sync():
+                backward(model, s + 6, scaler, partial)
         backward(model, s, scaler, partial)
         if hook is not None:
             hook(s)
@@ -130,21 +147,21 @@ CASES = [(opt, stage, {}) for opt in OPTIMIZERS for stage in (1, 2)] + [
     ("adam", 2, {"mixed": True}), ("adamw", 1, {"rounds": 5}), ("sgd", 2, {"rounds": 5}),
     ("adam", 1, {"scaler": True}), ("adam", 2, {"chunks": 30}), ("sgd", 1, {"chunks": 30, "rounds": 5}),
     ("adamw", 2, {"chunks": 30, "freeze": {1, 2}}), ("adam", 2, {"chunks": 30, "partial": True}),
-    ("sgd", 1, {"partial": True}),
+    ("sgd", 1, {"partial": True}), ("adam", 2, {"accumulate": True}), ("adamw", 1, {"accumulate": True}),
+    ("adamw", 2, {"add_group": 2}), ("sgd", 1, {"add_group": 2}),
 ]
 for name, stage, options in CASES:
     case = "-".join([name, f"stage{stage}", *sorted(options)])
-    kwargs = {k: v for k, v in options.items() if k in ("clip", "freeze", "partial")}
+    kwargs = {k: v for k, v in options.items() if k in ("clip", "freeze", "partial", "accumulate", "add_group")}
     scaler = (lambda: torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)) if options.get("scaler") else lambda: None
-    model, opt, agent = make(hva.Sync(), name, options.get("mixed", False))
+    model, opt, agent = make(hva.Sync(), name, options.get("mixed", False), "add_group" in options)
     start = flat(model)
     ref_norms, _ = train(model, opt, agent, STEPS, scaler=scaler(), **kwargs)
     reference = flat(model)
     agent.close()
     torch_sharded.ROUND_ELEMENTS = options.get("rounds", 1 << 24)
     torch_sharded.CHUNK_ELEMENTS = options.get("chunks", 1 << 22)
-    model, opt, agent = make(hva.ZeRO(stage=stage), name, options.get("mixed", False))
-    buckets = len(agent._sharded._buckets)
+    model, opt, agent = make(hva.ZeRO(stage=stage), name, options.get("mixed", False), "add_group" in options)
     grads_after_backward = []
 
     def record(step, model=model, seen=grads_after_backward):
@@ -155,6 +172,7 @@ for name, stage, options in CASES:
         lambda p, model=model, freed=freed: freed.append(model[2].weight.grad is None and model[2].bias.grad is None))
     norms, kept = train(model, opt, agent, STEPS, hook=record, scaler=scaler(), **kwargs)
     handle.remove()
+    buckets = len(agent._sharded._buckets)
     torch_sharded.ROUND_ELEMENTS, torch_sharded.CHUNK_ELEMENTS = 1 << 24, 1 << 22
     dtype_tol = 1e-6 if options.get("mixed") else 1e-9
     report(f"equal:{case}", max_abs=float(np.abs(flat(model) - reference).max()), tol=dtype_tol,
