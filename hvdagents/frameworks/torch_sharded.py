@@ -55,6 +55,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import math
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -186,6 +187,11 @@ class ShardedOptimizer:
     def __init__(self, hvd: Any, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, stage: int,
                  comm: Any, gradients: GradientAllreducer | None) -> None:
         refuse_unshardable(optimizer)
+        sparse = [name for name, module in model.named_modules()
+                  if isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and module.sparse]
+        if sparse:
+            raise UsageError(f"hva.ZeRO cannot shard sparse gradients ({', '.join(sparse)}: sparse=True): each rank "
+                             "steps a range of the flat dense gradient. Use sparse=False, or hva.Sync().")
         self._hvd, self._optimizer, self._comm = hvd, optimizer, comm
         self._stage, self._gradients = stage, gradients
         self._rank, self._size = hvd.rank(), hvd.size()
@@ -217,6 +223,9 @@ class ShardedOptimizer:
         self._had: set[int] = set()
         self._next = -1
         self._in_flight: list[tuple[_Bucket, Any]] = []  # reductions under way: (bucket, Horovod handle)
+        self._late: set[int] = set()  # buckets reduced in this pass before a gradient of theirs came again
+        self._bucket_of: dict[int, int] = {}  # parameter id -> its bucket's index
+        self._lock = threading.RLock()  # autograd may run hooks on a device thread and the caller's at once
         try:
             self._layout()
             self._take_state(self._optimizer.state_dict(), root=None)
@@ -234,6 +243,9 @@ class ShardedOptimizer:
                              "(each rank holds a range of them); add parameters with optimizer.add_param_group")
         if len(groups) == len(self._groups):
             return
+        if self._left or self._serving:
+            raise UsageError("under hva.ZeRO optimizer.add_param_group cannot be called once a rank has closed "
+                             "its agent (uneven data): the ranks that closed cannot take part in the new group")
         index = sum(len(g) for g in self._groups)
         for gi in range(len(self._groups), len(groups)):
             kinds: dict[tuple[torch.dtype, torch.device], list[_Member]] = {}
@@ -250,6 +262,7 @@ class ShardedOptimizer:
                     self._buckets.append(bucket)
             self._add_inner_group(gi)
         self._groups = groups
+        self._bucket_of = {id(m.param): b for b, bucket in enumerate(self._buckets) for m in bucket.members}
         if self._stage == 2:
             for bucket in self._buckets:
                 for m in bucket.members:
@@ -291,6 +304,11 @@ class ShardedOptimizer:
             self._left = self._left or self._gradients.active != self._size
             present = {id(m.param) for b in self._buckets for m in b.members if m.param.grad is not None}
         else:
+            if self._in_pass:  # backward raised elsewhere (not in a hook of ours): its end never came
+                self._abandon_pass()
+                raise UsageError("optimizer.step() after a backward pass that did not finish (it raised): under "
+                                 "hva.ZeRO(stage=2) its gradients were not all averaged. Run backward again "
+                                 "before stepping.")
             if not self._reduced:
                 raise UsageError("optimizer.step() would step with gradients that were not averaged over the ranks: "
                                  "no backward pass ran since the last step. Call loss.backward() before every step.")
@@ -486,12 +504,31 @@ class ShardedOptimizer:
     def _on_gradient(self, p: torch.Tensor) -> None:
         if not self._syncing:
             return
-        if not self._in_pass:
-            self._begin_pass()
-            self._in_pass = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
-        self._arrived.add(id(p))
-        self._reduce_ready()
+        with self._lock:
+            try:
+                if not self._in_pass:
+                    self._begin_pass()
+                    self._in_pass = True
+                    torch.autograd.Variable._execution_engine.queue_callback(self._end_pass)
+                if p.grad is not None and p.grad.is_sparse:
+                    raise UsageError(f"hva.ZeRO cannot shard the sparse gradient of {self._names.get(id(p))} "
+                                     "(an nn.Embedding(sparse=True)?): use a dense gradient or hva.Sync()")
+                b = self._bucket_of.get(id(p))
+                if b is not None and b > self._next:  # its bucket went already: this is a second gradient
+                    self._late.add(b)
+                self._arrived.add(id(p))
+                self._reduce_ready()
+            except BaseException:
+                self._abandon_pass()
+                raise
+
+    def _abandon_pass(self) -> None:
+        """Forget a pass that raised (local): the next gradient opens a new one. Reductions
+        it started are not waited for; what they would have added is dropped with the step's
+        partial mean, so the next step starts from its own passes only."""
+        self._in_pass = False
+        self._arrived, self._had, self._late, self._next, self._in_flight = set(), set(), set(), -1, []
+        self._grads, self._present, self._reduced = {}, set(), False
 
     def _begin_pass(self) -> None:
         """Collective (stage 2, at the first gradient of an averaging pass): the presence
@@ -520,25 +557,39 @@ class ShardedOptimizer:
     def _end_pass(self) -> None:
         """Collective (stage 2, at the end of backward): the buckets not reduced yet, then which
         parameters some rank had a gradient for. ``.grad`` is ``None`` from here to the step."""
-        self._in_pass = False
-        self._finish_pass(contribute=True)
+        with self._lock:
+            self._in_pass = False
+            try:
+                self._finish_pass(contribute=True)
+            except BaseException:
+                self._abandon_pass()
+                raise
 
     def _finish_pass(self, contribute: bool) -> None:
         """Collective (stage 2): reduce-scatter the buckets left (zeros for the gradients this
         rank lacks; a rank that closed, ``contribute=False``, sends zeros only), then one
-        all-reduce of the flags "this rank had a gradient", per parameter."""
+        all-reduce of the flags "this rank had a gradient", per parameter, and "a gradient of
+        this bucket came again after the bucket went" (reentrant checkpointing, a parameter
+        accumulated twice in one backward), per bucket: those buckets go once more, on every
+        rank, with what came since (``.grad`` was freed when they went, so it holds only that)."""
         while self._next >= 0:
             self._reduce_bucket(self._next, contribute)
             self._next -= 1
-        self._settle(0)
         members = [m for b in self._buckets for m in b.members]
-        flags = torch.tensor([1.0 if id(m.param) in self._had else 0.0 for m in members], dtype=torch.float64)
+        flags = torch.tensor([1.0 if id(m.param) in self._had else 0.0 for m in members]
+                             + [1.0 if b in self._late else 0.0 for b in range(len(self._buckets))],
+                             dtype=torch.float64)
         try:
             counts = self._hvd.allreduce(flags, name=f"{self._prefix}flags", op=self._hvd.Sum)
         except Exception as err:  # noqa: BLE001 - Horovod reports a shape mismatch here
             raise self._mismatch(sum(m.param.requires_grad for m in members)) from err
+        late = counts[len(members):].tolist()
+        for b in reversed(range(len(self._buckets))):
+            if late[b] > 0:
+                self._reduce_bucket(b, contribute)
+        self._settle(0)
         self._present.update(id(m.param) for m, count in zip(members, counts.tolist()) if count > 0)
-        self._had = set()
+        self._had, self._late = set(), set()
         self._reduced = True
 
     def _event(self, kind: float) -> torch.Tensor:
