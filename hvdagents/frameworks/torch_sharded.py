@@ -98,13 +98,6 @@ _WIRE_DTYPES = {torch.bfloat16: torch.float32}
 #: Numbers the ZeRO optimizers of this process in order (the same on every rank).
 _numbers = itertools.count()
 
-
-
-def _mpi() -> Any:
-    from mpi4py import MPI
-
-    return MPI
-
 #: What a stage 2 presence all-reduce announces (its second element, summed over the ranks
 #: still training): a backward pass's reduce-scatter, a clipping norm, a step.
 _PASS, _CLIP, _STEP = 1.0, 2.0, 3.0
@@ -671,8 +664,8 @@ class ShardedOptimizer:
     def _buffer(self, role: str, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """The first ``length`` elements of a buffer kept for one role of the collectives
         (``"gather"``: an all-gather's output), at most one round (:data:`ROUND_ELEMENTS`)
-        long: a fresh buffer
-        per step would fault its pages in again (tens of milliseconds per 10M elements)."""
+        long: a fresh buffer per step would fault its pages in again (tens of milliseconds per
+        10M elements)."""
         buffer = self._kept.get((role, dtype, device))
         if buffer is None or buffer.numel() < length:
             buffer = self._kept[(role, dtype, device)] = torch.empty(length, dtype=dtype, device=device)
