@@ -215,6 +215,7 @@ class ShardedOptimizer:
         self._arrived: set[int] = set()
         self._had: set[int] = set()
         self._next = -1
+        self._waiting: list[int] = []  # per bucket: its trainable parameters whose gradient has not arrived
         self._in_flight: list[tuple[_Bucket, Any]] = []  # reductions under way: (bucket, Horovod handle)
         self._late: set[int] = set()  # buckets reduced in this pass before a gradient of theirs came again
         self._bucket_of: dict[int, int] = {}  # parameter id -> its bucket's index
@@ -509,6 +510,8 @@ class ShardedOptimizer:
                 b = self._bucket_of.get(id(p))
                 if b is not None and b > self._next:  # its bucket went already: this is a second gradient
                     self._late.add(b)
+                elif b is not None and id(p) not in self._arrived:
+                    self._waiting[b] -= 1
                 self._arrived.add(id(p))
                 self._reduce_ready()
             except BaseException:
@@ -533,6 +536,7 @@ class ShardedOptimizer:
         self._active = totals[0].item()
         self._left = self._left or self._active != self._size
         self._arrived, self._had, self._next = set(), set(), len(self._buckets) - 1
+        self._waiting = [sum(m.param.requires_grad for m in b.members) for b in self._buckets]
 
     def _reduce_ready(self) -> None:
         """Collective (stage 2, during backward): reduce-scatter, in bucket order from the last,
@@ -540,10 +544,7 @@ class ShardedOptimizer:
         this pass, and free those gradients. A bucket waiting on a parameter this pass does not
         reach holds back the ones before it until :meth:`_end_pass`, so every rank makes the
         same reductions in the same order whatever its graph."""
-        while self._next >= 0:
-            bucket = self._buckets[self._next]
-            if any(m.param.requires_grad and id(m.param) not in self._arrived for m in bucket.members):
-                return
+        while self._next >= 0 and self._waiting[self._next] == 0:
             self._reduce_bucket(self._next, contribute=True)
             self._next -= 1
 
